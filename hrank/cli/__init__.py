@@ -1,0 +1,50 @@
+"""The ``hrank`` command line: argument parsing only; every command calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hrank import __version__
+from hrank.errors import HRankError
+
+# One module per command, each with add_parser(subparsers) and run(args) -> exit code.
+COMMANDS = ["info"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments in one line with exit code 2 (its default code)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"hrank: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hrank", description="HRank filter pruning: rank, prune, fine-tune, report.")
+    parser.add_argument("--version", action="version", version=f"hrank {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        importlib.import_module(f"hrank.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hrank`` script; user errors print one line and return 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HRankError as e:
+        print(f"hrank: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hrank: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

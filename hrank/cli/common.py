@@ -1,0 +1,51 @@
+"""Small helpers shared by the CLI commands: devices, tables, common flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from hrank.errors import HRankError
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` (or None) picks CUDA when present, else CPU; an unavailable device is a clear error."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise HRankError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HRankError("CUDA was requested but is not available on this machine")
+    return dev
+
+
+def format_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
+    """A plain-text table; numbers right-aligned, text left-aligned (or per ``align``: 'l'/'r' per column)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    if align is None:
+        align = "".join("r" if rows and isinstance(rows[0][i], (int, float)) else "l" for i in range(len(headers)))
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align,
+                                                                                         strict=True)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "cifar10") -> None:
+    p.add_argument("--dataset", default=default_dataset, choices=["cifar10", "cifar100", "imagenet"],
+                   help="dataset (default %(default)s)")
+    p.add_argument("--data-dir", default=os.environ.get("HRANK_DATA", "data"),
+                   help="folder holding the dataset (default: $HRANK_DATA or ./data); CIFAR is downloaded "
+                        "there when absent and a network is available")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if the data is absent")

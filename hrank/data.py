@@ -1,0 +1,358 @@
+"""CIFAR-10/100 from the official python batch files (no torchvision), device-side augmentation, splits.
+
+The whole uint8 dataset is moved to the training device once; every batch is cropped, flipped and
+normalized there, so data loading never limits training. ImageNet goes through torchvision (``vision``
+extra).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hrank.errors import HRankError
+
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    # HRank's CIFAR statistics (transforms.Normalize in the official code)
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    # ImageNet statistics; also what the pretrained CIFAR ResNets in shared/data/weights were trained with
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean/std applied to [0, 1] images; stored with every checkpoint hrank writes."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = "custom"
+
+    @staticmethod
+    def get(name_or_obj: str | Normalization | dict | None) -> Normalization:
+        """Resolve a preset name ("cifar", "imagenet"), a dict from a checkpoint, or an instance."""
+        if isinstance(name_or_obj, Normalization):
+            return name_or_obj
+        if isinstance(name_or_obj, dict):
+            return Normalization(tuple(name_or_obj["mean"]), tuple(name_or_obj["std"]),
+                                 name_or_obj.get("name", "custom"))
+        name = name_or_obj or "cifar"
+        if name not in NORMALIZATIONS:
+            raise HRankError(f"unknown normalization {name!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        mean, std = NORMALIZATIONS[name]
+        return Normalization(mean, std, name)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class _Source:
+    archive: str
+    url: str
+    md5: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: bytes
+    meta_file: str
+    names_key: bytes
+    num_classes: int
+
+
+SOURCES = {
+    "cifar10": _Source("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                       "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
+                       tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), b"labels",
+                       "batches.meta", b"label_names", 10),
+    "cifar100": _Source("cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                        "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python", ("train",), ("test",),
+                        b"fine_labels", "meta", b"fine_label_names", 100),
+}
+EXPECTED_COUNTS = {"train": 50000, "test": 10000}
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, 3, H, W) and labels as int64 (N,), on CPU or on the training device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str = ""
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, indices: torch.Tensor | np.ndarray | list[int], name: str | None = None) -> ImageSet:
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return ImageSet(self.images[idx.to(self.images.device)], self.labels[idx.to(self.labels.device)],
+                        self.classes, name or self.name)
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.name)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as e:
+        raise HRankError(f"cannot read CIFAR batch file {path}: {type(e).__name__}: {e}") from None
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _find_folder(data_dir: Path, src: _Source) -> Path | None:
+    for cand in (data_dir / src.folder, data_dir):
+        if all((cand / f).exists() for f in src.train_files + src.test_files):
+            return cand
+    return None
+
+
+def download_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10") -> Path:
+    """Download and unpack the official archive into ``data_dir``, verifying its MD5 checksum."""
+    src = SOURCES[dataset]
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    archive = data_dir / src.archive
+    if not archive.exists() or _md5(archive) != src.md5:
+        tmp = archive.with_suffix(".part")
+        try:
+            print(f"downloading {src.url} to {data_dir} ...", flush=True)
+            urllib.request.urlretrieve(src.url, tmp)
+        except Exception as e:
+            if tmp.exists():
+                tmp.unlink()
+            raise HRankError(
+                f"{dataset} not found in {data_dir} and the download failed ({type(e).__name__}); put the "
+                f"official '{src.folder}' folder (python version) there or pass --data-dir / set HRANK_DATA"
+            ) from None
+        if _md5(tmp) != src.md5:
+            tmp.unlink()
+            raise HRankError(f"downloaded {src.archive} has the wrong MD5 checksum; try again")
+        os.replace(tmp, archive)
+    with tarfile.open(archive, "r:gz") as tar:
+        try:
+            tar.extractall(data_dir, filter="data")
+        except TypeError:  # Python without extraction filters; the archive's checksum was verified above
+            tar.extractall(data_dir)
+    return data_dir / src.folder
+
+
+def load_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10", split: str = "train", *,
+               download: bool = True, validate_counts: bool = True) -> ImageSet:
+    """Load the CIFAR-10/100 ``train`` or ``test`` split from official python batch files.
+
+    Files whose checksums differ from the official ones (such as a JPEG-derived copy) are accepted;
+    shapes, counts and labels are validated instead. With ``download`` and no files, the official archive
+    is fetched and its checksum verified.
+    """
+    if dataset not in SOURCES:
+        raise HRankError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)}")
+    if split not in ("train", "test"):
+        raise HRankError(f"unknown split {split!r}; choose train or test")
+    src = SOURCES[dataset]
+    data_dir = Path(data_dir).expanduser()
+    folder = _find_folder(data_dir, src)
+    if folder is None:
+        if not download:
+            raise HRankError(f"{dataset} not found in {data_dir} (expected {src.folder}/ with "
+                             f"{', '.join(src.train_files + src.test_files)}); download it or pass --data-dir")
+        folder = download_cifar(data_dir, dataset)
+    files = src.train_files if split == "train" else src.test_files
+    return load_batch_files([folder / f for f in files], src.num_classes, label_key=src.label_key,
+                            meta=folder / src.meta_file, names_key=src.names_key,
+                            expected=EXPECTED_COUNTS[split] if validate_counts else None,
+                            name=f"{dataset}-{split}")
+
+
+def load_batch_files(paths: list[Path], num_classes: int, *, label_key: bytes = b"labels",
+                     meta: Path | None = None, names_key: bytes = b"label_names",
+                     expected: int | None = None, name: str = "") -> ImageSet:
+    """Read CIFAR-format pickles (``data`` N x 3072 uint8, labels list) into an ImageSet, validating them."""
+    images, labels = [], []
+    for p in paths:
+        d = _unpickle(Path(p))
+        data = d.get(b"data", d.get("data"))
+        labs = d.get(label_key, d.get(label_key.decode()))
+        if data is None or labs is None:
+            raise HRankError(f"{p} is not a CIFAR batch file (no data/{label_key.decode()} entries)")
+        data = np.asarray(data)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise HRankError(f"{p}: expected uint8 data of shape (N, 3072), got {data.dtype} {data.shape}")
+        labs = np.asarray(labs, dtype=np.int64)
+        if labs.shape[0] != data.shape[0]:
+            raise HRankError(f"{p}: {data.shape[0]} images but {labs.shape[0]} labels")
+        if labs.size and (labs.min() < 0 or labs.max() >= num_classes):
+            raise HRankError(f"{p}: labels outside 0..{num_classes - 1}")
+        images.append(data)
+        labels.append(labs)
+    data = np.concatenate(images)
+    labs = np.concatenate(labels)
+    if expected is not None and data.shape[0] != expected:
+        raise HRankError(f"{name}: expected {expected} images, found {data.shape[0]} in {paths[0].parent}")
+    classes = [str(i) for i in range(num_classes)]
+    if meta is not None and Path(meta).exists():
+        m = _unpickle(Path(meta))
+        names = m.get(names_key, m.get(names_key.decode()))
+        if names is not None and len(names) == num_classes:
+            classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    imgs = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    return ImageSet(imgs, torch.from_numpy(labs), classes, name)
+
+
+def default_data_dir() -> Path:
+    """``$HRANK_DATA`` if set, else ``./data``."""
+    return Path(os.environ.get("HRANK_DATA", "data"))
+
+
+def train_val_split(n: int, val_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into (train, validation) index arrays, both sorted."""
+    if not 0 <= val_size < n:
+        raise HRankError(f"validation size must be in [0, {n}), got {val_size}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+def normalize(images_uint8: torch.Tensor, norm: Normalization, dtype=torch.float32) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float, scaled to [0, 1], minus mean, over std (on the tensor's device)."""
+    x = images_uint8.to(dtype).div_(255.0)
+    mean = torch.tensor(norm.mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(norm.std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop (zero padding ``padding``) and horizontal flip of a batch, on the batch's device.
+
+    Random numbers come from a CPU generator, so the result is the same on every device for a seed.
+    """
+    n, c, h, w = images.shape
+    if padding > 0:
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
+        rows = (oy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        batch = torch.arange(n, device=images.device)[:, None, None, None]
+        chan = torch.arange(c, device=images.device)[None, :, None, None]
+        images = padded[batch, chan, rows, cols]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+class Batches:
+    """Iterate ``(images, labels)`` batches from an ImageSet, augmented and normalized on ``device``.
+
+    Deterministic: the order and the augmentation of epoch ``e`` depend only on ``(seed, e)``. With
+    ``world_size > 1`` each rank takes an equal, disjoint shard of every epoch's order (DDP).
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, *, normalization: Normalization | str | dict = "cifar",
+                 train: bool = False, shuffle: bool | None = None, drop_last: bool | None = None,
+                 device: torch.device | str | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        if batch_size < 1:
+            raise HRankError(f"batch size must be >= 1, got {batch_size}")
+        if len(data) == 0:
+            raise HRankError(f"dataset {data.name or ''} is empty".replace("  ", " "))
+        self.device = torch.device(device) if device is not None else data.images.device
+        self.data = data.to(self.device)
+        self.batch_size = batch_size
+        self.norm = Normalization.get(normalization)
+        self.train = train
+        self.shuffle = train if shuffle is None else shuffle
+        self.drop_last = train if drop_last is None else drop_last
+        if self.drop_last and len(data) // world_size < batch_size:
+            raise HRankError(f"batch size {batch_size} is larger than the dataset "
+                             f"({len(data)} images{' per process' if world_size > 1 else ''})")
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.channels_last = channels_last
+        self.dtype = dtype
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration produces."""
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.data)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            per = n // self.world_size if self.drop_last else -(-n // self.world_size)
+            if per * self.world_size > n:  # pad by repeating, as DistributedSampler does
+                order = torch.cat([order, order[: per * self.world_size - n]])
+            order = order[self.rank: per * self.world_size: self.world_size]
+        return order
+
+    @property
+    def num_samples(self) -> int:
+        """Images this rank sees per epoch."""
+        n = len(self._order())
+        return n - n % self.batch_size if self.drop_last else n
+
+    def __len__(self) -> int:
+        n = len(self._order())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order()
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_777_777 * (self.rank + 1))
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
+            imgs = self.data.images[idx]
+            if self.train:
+                imgs = augment(imgs, g)
+            x = normalize(imgs, self.norm, self.dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.data.labels[idx]
+
+
+def imagenet_loader(root: str | os.PathLike, split: str, batch_size: int, *, train: bool,
+                    normalization: Normalization | str = "imagenet", workers: int = 8, seed: int = 0):
+    """ImageNet train/val folders through torchvision (``pip install hrank[vision]``)."""
+    try:
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+    except Exception:
+        raise HRankError("ImageNet needs torchvision: pip install 'hrank[vision]'") from None
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise HRankError(f"ImageNet folder not found: {folder} (expected {root}/train and {root}/val)")
+    norm = Normalization.get(normalization)
+    if train:
+        tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize(norm.mean, norm.std)])
+    else:
+        tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(norm.mean, norm.std)])
+    ds = ImageFolder(str(folder), tf)
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train, num_workers=workers,
+                                       pin_memory=True, drop_last=train, generator=g)

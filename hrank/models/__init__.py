@@ -1,0 +1,181 @@
+"""Model registry: the six HRank architectures (plus CIFAR ResNet-20/32/44), their facts, checkpoint loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hrank.errors import HRankError
+from hrank.models import densenet, googlenet, resnet_cifar, resnet_imagenet, vgg
+from hrank.models.base import ArchSpec, ChannelPadShortcut, RankPoint
+
+__all__ = [
+    "ArchSpec",
+    "ChannelPadShortcut",
+    "RankPoint",
+    "create",
+    "names",
+    "get_spec",
+    "rate_entries",
+    "prunable_convs",
+    "rank_points",
+    "load_checkpoint",
+    "extract_state_dict",
+]
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+    """Add an architecture to the registry (used for the built-ins; available to users too)."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+register(ArchSpec("vgg_16_bn", lambda num_classes=10: vgg.VGGCifar(num_classes), "cifar", (3, 32, 32), 10,
+                  "cifar", vgg.rate_entries, vgg.rank_points, frozenset({12}),
+                  "VGG-16 with BN for CIFAR (13 convs, HRank layout)"))
+for _depth in (20, 32, 44, 56, 110):
+    register(ArchSpec(f"resnet_{_depth}", resnet_cifar.resnet_cifar(_depth), "cifar", (3, 32, 32), 10, "cifar",
+                      resnet_cifar.rate_entries, resnet_cifar.rank_points,
+                      description=f"CIFAR ResNet-{_depth}, option-A shortcut"))
+register(ArchSpec("densenet_40", lambda num_classes=10: densenet.DenseNetCifar(40, 12, num_classes), "cifar",
+                  (3, 32, 32), 10, "cifar", densenet.rate_entries, densenet.rank_points,
+                  description="DenseNet-40 (growth 12) for CIFAR"))
+register(ArchSpec("googlenet", lambda num_classes=10: googlenet.GoogLeNetCifar(num_classes), "cifar",
+                  (3, 32, 32), 10, "cifar", googlenet.rate_entries, googlenet.rank_points,
+                  description="GoogLeNet, CIFAR variant"))
+register(ArchSpec("resnet_50", lambda num_classes=1000: resnet_imagenet.ResNetImageNet((3, 4, 6, 3), num_classes),
+                  "imagenet", (3, 224, 224), 1000, "imagenet", resnet_imagenet.rate_entries,
+                  resnet_imagenet.rank_points, description="ResNet-50 for ImageNet (torchvision layout)"))
+
+
+def names() -> list[str]:
+    """Names of all registered architectures."""
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ArchSpec:
+    """The registry entry for ``name``; a one-line error listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise HRankError(f"unknown model {name!r}; known models: {', '.join(names())}") from None
+
+
+def create(name: str, num_classes: int | None = None) -> nn.Module:
+    """Build a registered architecture with freshly initialised weights."""
+    spec = get_spec(name)
+    if num_classes is not None and num_classes < 1:
+        raise HRankError(f"num_classes must be >= 1, got {num_classes}")
+    model = spec.builder(num_classes=num_classes or spec.num_classes)
+    model.hrank_arch = name  # lets later steps find the registry entry again
+    return model
+
+
+def _model_and_spec(model_or_name: nn.Module | str) -> tuple[nn.Module, ArchSpec]:
+    if isinstance(model_or_name, str):
+        return create(model_or_name), get_spec(model_or_name)
+    arch = getattr(model_or_name, "hrank_arch", None)
+    if arch is None:
+        raise HRankError("this model is not from the hrank registry; give rates by layer name instead")
+    return model_or_name, get_spec(arch)
+
+
+def rate_entries(model_or_name: nn.Module | str) -> list[tuple[str, ...]]:
+    """HRank's compress_rate order: entry i lists the conv(s) its rate applies to."""
+    model, spec = _model_and_spec(model_or_name)
+    return spec.rate_entries(model)
+
+
+def prunable_convs(model_or_name: nn.Module | str) -> list[str]:
+    """All convs covered by the compress_rate entries, in HRank order."""
+    return [c for entry in rate_entries(model_or_name) for c in entry]
+
+
+def rank_points(model_or_name: nn.Module | str) -> dict[str, RankPoint]:
+    """HRank's hook point (module + channel slice) for each prunable conv that has one."""
+    model, spec = _model_and_spec(model_or_name)
+    return spec.rank_points(model)
+
+
+_WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict")
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """Find the state_dict in a loaded checkpoint (bare, or under state_dict/model/net) and strip ``module.``."""
+    sd = obj
+    for _ in range(2):  # e.g. {"net": {"state_dict": ...}}
+        if isinstance(sd, dict) and not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            for key in _WRAPPER_KEYS:
+                if key in sd and isinstance(sd[key], dict):
+                    sd = sd[key]
+                    break
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise HRankError("checkpoint holds no state_dict (looked for a bare one and under "
+                         + "/".join(_WRAPPER_KEYS) + ")")
+    out = {}
+    for k, v in sd.items():
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+def _rename_classifier(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Map a CIFAR-ResNet classifier named ``linear`` onto ``fc`` or back, whichever the model uses."""
+    for src, dst in (("linear.", "fc."), ("fc.", "linear.")):
+        if any(k.startswith(src) for k in sd) and not any(k.startswith(src) for k in model_keys) \
+                and any(k.startswith(dst) for k in model_keys):
+            return {(dst + k[len(src):] if k.startswith(src) else k): v for k, v in sd.items()}
+    return sd
+
+
+def _read(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise HRankError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise HRankError(f"checkpoint is a directory, expected a file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, not a torch file, or pickled code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HRankError(f"cannot read checkpoint {path}: {first[:200]}") from None
+
+
+def load_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | dict) -> dict[str, Any]:
+    """Load weights into ``model`` strictly; return the checkpoint's other top-level entries.
+
+    Accepts a path or an already loaded object: a bare state_dict or one under state_dict/model/net,
+    ``module.`` prefixes (DataParallel), and ``linear``/``fc`` classifier names. Files are read with
+    ``weights_only=True``: loading never runs code from the file.
+    """
+    obj = path_or_state if isinstance(path_or_state, dict) else _read(path_or_state)
+    sd = extract_state_dict(obj)
+    own = model.state_dict()
+    sd = _rename_classifier(sd, set(own))
+    for k in own:  # checkpoints from before torch 0.4.1 have no BN batch counters
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = torch.zeros_like(own[k])
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{label} {len(items)}: {', '.join(items[:5])}{more}")
+        arch = getattr(model, "hrank_arch", type(model).__name__)
+        raise HRankError(f"checkpoint does not fit {arch}: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+    extra = {}
+    if isinstance(obj, dict):
+        extra = {k: v for k, v in obj.items() if k not in _WRAPPER_KEYS and not isinstance(v, torch.Tensor)}
+    return extra
