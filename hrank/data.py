@@ -12,6 +12,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,12 +161,13 @@ def download_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10") -> Pat
 
 
 def load_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10", split: str = "train", *,
-               download: bool = True, validate_counts: bool = True) -> ImageSet:
+               download: bool = True, strict_counts: bool = False) -> ImageSet:
     """Load the CIFAR-10/100 ``train`` or ``test`` split from official python batch files.
 
     Files whose checksums differ from the official ones (such as a JPEG-derived copy) are accepted;
-    shapes, counts and labels are validated instead. With ``download`` and no files, the official archive
-    is fetched and its checksum verified.
+    shapes, label ranges and counts are validated instead (a count other than the official 50,000/10,000
+    is an error with ``strict_counts``, else a warning, so small local subsets still work). With
+    ``download`` and no files, the official archive is fetched and its checksum verified.
     """
     if dataset not in SOURCES:
         raise HRankError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)}")
@@ -182,13 +184,13 @@ def load_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10", split: str
     files = src.train_files if split == "train" else src.test_files
     return load_batch_files([folder / f for f in files], src.num_classes, label_key=src.label_key,
                             meta=folder / src.meta_file, names_key=src.names_key,
-                            expected=EXPECTED_COUNTS[split] if validate_counts else None,
+                            expected=EXPECTED_COUNTS[split], strict_counts=strict_counts,
                             name=f"{dataset}-{split}")
 
 
 def load_batch_files(paths: list[Path], num_classes: int, *, label_key: bytes = b"labels",
                      meta: Path | None = None, names_key: bytes = b"label_names",
-                     expected: int | None = None, name: str = "") -> ImageSet:
+                     expected: int | None = None, strict_counts: bool = True, name: str = "") -> ImageSet:
     """Read CIFAR-format pickles (``data`` N x 3072 uint8, labels list) into an ImageSet, validating them."""
     images, labels = [], []
     for p in paths:
@@ -210,7 +212,10 @@ def load_batch_files(paths: list[Path], num_classes: int, *, label_key: bytes = 
     data = np.concatenate(images)
     labs = np.concatenate(labels)
     if expected is not None and data.shape[0] != expected:
-        raise HRankError(f"{name}: expected {expected} images, found {data.shape[0]} in {paths[0].parent}")
+        msg = f"{name}: expected {expected} images, found {data.shape[0]} in {Path(paths[0]).parent}"
+        if strict_counts:
+            raise HRankError(msg)
+        warnings.warn(msg + " (not the full official set)", stacklevel=2)
     classes = [str(i) for i in range(num_classes)]
     if meta is not None and Path(meta).exists():
         m = _unpickle(Path(meta))

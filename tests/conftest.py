@@ -22,8 +22,8 @@ def write_cifar(root: Path, n_train: int = 64, n_test: int = 32, num_classes: in
     rng = np.random.default_rng(seed)
     d = root / folder
     d.mkdir(parents=True, exist_ok=True)
-    per = n_train // 5
     for i in range(1, 6):
+        per = n_train // 5 + (1 if i <= n_train % 5 else 0)
         data = rng.integers(0, 256, size=(per, 3072), dtype=np.uint8)
         labels = [int(x) for x in rng.integers(0, num_classes, size=per)]
         with open(d / f"data_batch_{i}", "wb") as f:
