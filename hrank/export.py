@@ -1,0 +1,114 @@
+"""Export a (pruned) model to TorchScript and ONNX; the ONNX file is checked against PyTorch with onnxruntime."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hrank.errors import HRankError
+from hrank.io import atomic_save_with
+
+ONNX_ATOL = 1e-4
+
+
+@dataclass
+class ExportCheck:
+    """Outcome of comparing an exported model with PyTorch on the same random input."""
+
+    path: str
+    max_abs_diff: float
+    output_scale: float  # max |logit| of the PyTorch output, to read the difference against
+    ok: bool
+
+
+def _example(model: nn.Module, input_size: tuple[int, ...], batch: int, seed: int) -> torch.Tensor:
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_size, generator=g).to(p.device, p.dtype)
+
+
+def _tolerance(scale: float, atol: float) -> float:
+    # 1e-4 absolute on trained models (logits of order 10); relative for untrained nets with huge logits
+    return atol * max(1.0, scale / 10.0)
+
+
+def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = (3, 32, 32),
+                       *, seed: int = 0, atol: float = ONNX_ATOL) -> ExportCheck:
+    """Trace ``model`` (eval mode) to TorchScript at ``path``, reload it and compare outputs."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = _example(model, input_size, 2, seed)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, x)
+            atomic_save_with(path, lambda tmp: torch.jit.save(traced, tmp))
+            loaded = torch.jit.load(str(path), map_location=x.device)
+            x2 = _example(model, input_size, 3, seed + 1)
+            ref, got = model(x2), loaded(x2)
+    except Exception as e:
+        raise HRankError(f"TorchScript export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        model.train(was_training)
+    diff = float((ref - got).abs().max())
+    scale = float(ref.abs().max())
+    return ExportCheck(str(path), diff, scale, diff <= _tolerance(scale, atol))
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = (3, 32, 32), *,
+                seed: int = 0, atol: float = ONNX_ATOL, opset: int = 17) -> ExportCheck:
+    """Export to ONNX with a dynamic batch axis and check it with onnxruntime on random input.
+
+    Raises HRankError when onnx/onnxruntime are missing (``pip install 'hrank[export]'``), when the export
+    fails, or when the largest absolute difference to PyTorch exceeds ``atol`` (scaled for huge logits).
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime as ort
+    except Exception:
+        raise HRankError("ONNX export needs onnx and onnxruntime: pip install 'hrank[export]'") from None
+    was_training = model.training
+    model.eval()
+    cpu_model = model
+    try:
+        x = _example(model, input_size, 2, seed).cpu().float()
+        param = next(model.parameters())
+        if param.device.type != "cpu" or param.dtype != torch.float32:
+            import copy
+
+            cpu_model = copy.deepcopy(model).cpu().float()
+
+        def write(tmp: str) -> None:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch.onnx.export(cpu_model, (x,), tmp, dynamo=False, opset_version=opset,
+                                  input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+        atomic_save_with(path, write)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        x2 = _example(cpu_model, input_size, 3, seed + 1)
+        with torch.no_grad():
+            ref = cpu_model(x2).numpy()
+        got = session.run(None, {"input": x2.numpy()})[0]
+    except HRankError:
+        raise
+    except Exception as e:
+        raise HRankError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        model.train(was_training)
+    diff = float(np.abs(ref - got).max())
+    scale = float(np.abs(ref).max())
+    check = ExportCheck(str(path), diff, scale, diff <= _tolerance(scale, atol))
+    if not check.ok:
+        Path(path).unlink(missing_ok=True)
+        raise HRankError(f"ONNX output differs from PyTorch by {diff:.2e} (> {atol:g}); file not kept")
+    return check
