@@ -14,6 +14,9 @@ import torch
 
 from hrank.errors import HRankError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename it into place."""
@@ -25,6 +28,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
