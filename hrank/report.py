@@ -19,12 +19,12 @@ import numpy as np
 from hrank.flops import format_count
 from hrank.io import atomic_save_with, atomic_write_text
 
-STAGE_COLUMNS = [  # (key, header, formatter)
+STAGE_COLUMNS = [  # (key, header, formatter); accuracies are percentages, as hrank.train.evaluate returns
     ("macs", "MACs", lambda v: format_count(v)),
     ("params", "params", lambda v: format_count(v)),
-    ("val_top1", "val top-1", lambda v: f"{100 * v:.2f}%"),
-    ("test_top1", "test top-1", lambda v: f"{100 * v:.2f}%"),
-    ("lossless_top1", "lossless-1k top-1", lambda v: f"{100 * v:.2f}%"),
+    ("val_top1", "val top-1", lambda v: f"{v:.2f}%"),
+    ("test_top1", "test top-1", lambda v: f"{v:.2f}%"),
+    ("lossless_top1", "lossless-1k top-1", lambda v: f"{v:.2f}%"),
     ("latency_b1_ms", "latency b=1", lambda v: f"{v:.2f} ms"),
     ("latency_batch_ms", "latency batch", lambda v: f"{v:.1f} ms"),
     ("size_bytes", "size", lambda v: f"{v / 2**20:.2f} MiB"),
@@ -161,7 +161,7 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLike, t
     ax1.set_ylabel("loss")
     ax1.set_title("Loss")
     for key, label, style in (("train_top1", "train", "-"), ("val_top1", "validation", "--")):
-        ys = [None if r.get(key) is None else 100 * r[key] for r in records]
+        ys = [r.get(key) for r in records]
         if any(y is not None for y in ys):
             ax2.plot(epochs, ys, style, marker="o", ms=3, label=label)
     ax2.set_xlabel("epoch")
