@@ -11,18 +11,26 @@ from torch import nn
 
 @dataclass(frozen=True)
 class RankPoint:
-    """Where a conv's filters are scored: the output of ``module``, channels ``[start, stop)`` (all if None)."""
+    """Where a conv's filters are scored: the output of ``module``, channels ``[start, stop)`` (all if None).
+
+    ``call`` picks one call (0-based) of a module that runs more than once per forward pass, such as a
+    torchvision BasicBlock's single ``relu`` used before and after the residual add; None: it runs once.
+    """
 
     module: str
     channels: tuple[int, int] | None = None
+    call: int | None = None
 
     def to_json(self) -> dict:
-        return {"module": self.module, "channels": list(self.channels) if self.channels else None}
+        d: dict = {"module": self.module, "channels": list(self.channels) if self.channels else None}
+        if self.call is not None:
+            d["call"] = self.call
+        return d
 
     @staticmethod
     def from_json(d: dict) -> RankPoint:
         ch = d.get("channels")
-        return RankPoint(d["module"], tuple(ch) if ch else None)
+        return RankPoint(d["module"], tuple(ch) if ch else None, d.get("call"))
 
 
 @dataclass(frozen=True)

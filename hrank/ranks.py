@@ -1,0 +1,1056 @@
+"""HRank filter scores: the average matrix rank of each filter's output feature maps, in one pass per batch.
+
+HRank (Lin et al., CVPR 2020) scores a filter by the mean rank of its H x W output maps over g images,
+measured after the activation (``docs/ranks.md``; ``../shared/docs/hrank-reference.md`` §1-2). This module:
+
+* computes those ranks exactly as ``torch.linalg.matrix_rank`` defines them, batched, without a per-map
+  Python loop or host sync, in memory-bounded chunks spread over all CPU cores (section 1);
+* finds where each conv is scored: the registry's HRank points, or automatically the first ReLU-like
+  activation its output reaches through BN, residual adds and concatenations (section 2);
+* runs the model once per batch with hooks on every point at once, on one process or a DDP group (section 3);
+* stores the result as one ``.npz`` file with JSON metadata and imports the official rank folders (section 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from hrank import models
+from hrank.data import ImageSet, Normalization, normalize
+from hrank.errors import HRankError
+from hrank.io import atomic_save_with, require_file
+from hrank.models.base import RankPoint
+
+__all__ = ["Ranks", "compute_ranks", "find_rank_points", "matrix_ranks", "model_fingerprint", "METHODS"]
+
+METHODS = ("gram", "svd")
+_EPS32 = float(torch.finfo(torch.float32).eps)
+# Elements (maps x H x W) per chunk: bounds the extra memory of the rank computation (docs/ranks.md).
+_CHUNK_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 23}
+_AUGMENT_PADDING = 4  # HRank: RandomCrop(32, padding=4) + RandomHorizontalFlip
+
+
+# ==================================================================================================
+# 1. Exact batched matrix ranks
+# ==================================================================================================
+
+def _gram_ranks(a: torch.Tensor) -> torch.Tensor:
+    """Ranks of float32 maps ``a`` (n, H, W) with matrix_rank's default tolerance, via float64 Gram matrices.
+
+    Why this is exact (details in docs/ranks.md): all-zero rows/columns carry only zero singular values,
+    so the rank is at most k = the smaller number of nonzero lines. The Gram matrix G on that side is
+    formed in float64, where products of float32 values are exact. matrix_rank counts singular values
+    sigma > sigma_max * max(H, W) * eps32, i.e. eigenvalues lambda = sigma^2 of G above
+    tau = lambda_max * (max(H, W) * eps32)^2. A Cholesky factorisation of G - tau_U I (tau_U from
+    trace(G) >= lambda_max, zero lines lifted out of the way) succeeds only if every eigenvalue exceeds
+    tau_U >= tau: the map then has rank k, certified at a third of the cost of an SVD. The rest (maps
+    whose rank is below k) get float64 eigenvalues of G and are counted against tau itself. Maps holding
+    NaN/inf get -1.
+    """
+    n, h, w = a.shape
+    f2 = (max(h, w) * _EPS32) ** 2
+    magnitude = a.abs()  # amax of |a| finds zero lines ~3x faster than (a != 0).any()
+    row_max, col_max = magnitude.amax(2), magnitude.amax(1)
+    del magnitude
+    finite = torch.isfinite(row_max).all(1)  # NaN/inf propagate into the maxima: a cheap check
+    if not bool(finite.all()):
+        a = torch.where(finite[:, None, None], a, 0.0)
+    rows = (row_max > 0).sum(1)
+    cols = (col_max > 0).sum(1)
+    if h == w:  # per map, the Gram matrix of the side with fewer nonzero lines
+        b = torch.where((rows < cols)[:, None, None], a, a.transpose(1, 2))
+        lines = torch.minimum(rows, cols)
+    elif h < w:
+        b, lines = a, rows
+    else:
+        b, lines = a.transpose(1, 2), cols
+    b = b.to(torch.float64)
+    gram = b @ b.transpose(1, 2)  # (n, k, k) with k = min(H, W): rows of b are the chosen lines
+    del b
+    diag = gram.diagonal(dim1=1, dim2=2)
+    bound = diag.sum(1)  # trace = ||A||_F^2 >= lambda_max
+    shifted = gram.clone()
+    shifted.diagonal(dim1=1, dim2=2).add_(torch.where(diag == 0, bound[:, None], 0.0) - (bound * f2)[:, None])
+    info = torch.linalg.cholesky_ex(shifted).info
+    del shifted
+    ranks = lines.clone()
+    redo = ((info != 0) & (lines > 0)).nonzero().squeeze(1)
+    if redo.numel():
+        try:
+            ev = torch.linalg.eigvalsh(gram[redo])
+            ranks[redo] = (ev > ev[:, -1:] * f2).sum(1)
+        except torch.linalg.LinAlgError:  # no convergence (pathological input): use the reference itself
+            ranks[redo] = torch.linalg.matrix_rank(a[redo])
+    return ranks.masked_fill_(~finite, -1)
+
+
+def _svd_ranks(a: torch.Tensor) -> torch.Tensor:
+    """The reference: ``torch.linalg.matrix_rank`` with its default tolerance on float32 maps."""
+    finite = torch.isfinite(a).flatten(1).all(1)
+    if not bool(finite.all()):
+        a = torch.where(finite[:, None, None], a, 0.0)
+    return torch.linalg.matrix_rank(a).masked_fill_(~finite, -1)
+
+
+_RANK_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"gram": _gram_ranks, "svd": _svd_ranks}
+
+
+def _pieces(maps: torch.Tensor, chunk_elems: int, min_pieces: int) -> list[torch.Tensor]:
+    """Split 4-D maps (B, C, H, W) into row-major pieces of at most ``chunk_elems`` elements (>= 1 map).
+
+    Pieces are views; each is copied to a contiguous (n, H, W) float32 block only when it is processed,
+    so a channel slice of an activation is never copied whole.
+    """
+    b, c, h, w = maps.shape
+    per_piece = max(1, min(chunk_elems // (h * w), math.ceil(b * c / max(1, min_pieces))))
+    if per_piece >= c:
+        step = per_piece // c
+        return [maps[i:i + step] for i in range(0, b, step)]
+    return [maps[i, j:j + per_piece] for i in range(b) for j in range(0, c, per_piece)]
+
+
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """``workers`` threads that each run torch single-threaded; the process's thread setting is kept.
+
+    Batched LAPACK calls loop over the batch on one core, so chunks run in parallel on these threads.
+    Each worker must itself use one intra-op thread: nested OpenMP teams make the many small
+    reductions of a chunk 20-40x slower, worst on a busy machine. torch's thread count is per thread
+    (OpenMP) but also kept in a process-wide default, which is restored once every worker is set.
+    """
+    main_threads = torch.get_num_threads()
+    ready = threading.Barrier(workers + 1, timeout=60)
+
+    def init() -> None:
+        torch.get_num_threads()  # initialise this thread's settings from the default first...
+        torch.set_num_threads(1)  # ...then make it single-threaded
+        ready.wait()
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="hrank-rank", initializer=init)
+    for _ in range(workers):  # each submit starts one worker, which waits in init until all are set
+        pool.submit(int)
+    ready.wait()
+    torch.set_num_threads(main_threads)
+    return pool
+
+
+def _ranks_4d(maps: torch.Tensor, method: str, chunk_elems: int, pool: Executor | None,
+              workers: int) -> torch.Tensor:
+    """Ranks (B, C) int64 of maps (B, C, H, W), chunk by chunk, the chunks spread over ``pool``."""
+    fn = _RANK_FNS[method]
+    h, w = maps.shape[-2:]
+
+    def run(piece: torch.Tensor) -> torch.Tensor:
+        return fn(piece.reshape(-1, h, w).to(torch.float32))
+
+    pieces = _pieces(maps, chunk_elems, 2 * workers if pool is not None else 1)
+    results = list(pool.map(run, pieces)) if pool is not None else [run(p) for p in pieces]
+    return torch.cat(results).view(maps.shape[:2])
+
+
+def _resolve_method(method: str, device: torch.device) -> str:
+    if method not in METHODS:
+        raise HRankError(f"unknown rank method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "gram" and device.type == "mps":  # no float64 on MPS
+        return "svd"
+    return method
+
+
+def matrix_ranks(maps: torch.Tensor, *, method: str = "gram", chunk_elems: int | None = None,
+                 workers: int | None = None) -> torch.Tensor:
+    """Rank of every H x W matrix in ``maps`` (..., H, W), as ``torch.linalg.matrix_rank`` on float32 maps.
+
+    ``method="gram"`` (default) is the fast exact path of ``docs/ranks.md``; ``"svd"`` calls matrix_rank
+    itself. Work is done in chunks of at most ``chunk_elems`` elements (bounded extra memory) and, on CPU,
+    on ``workers`` threads (default: torch's thread count), because batched LAPACK calls use one core.
+    Returns int64 ranks of shape ``maps.shape[:-2]`` on the maps' device; a map holding NaN or inf gets -1.
+    """
+    if maps.dim() < 2:
+        raise HRankError(f"matrix_ranks needs maps of shape (..., H, W), got {tuple(maps.shape)}")
+    lead = maps.shape[:-2]
+    h, w = maps.shape[-2:]
+    if maps.numel() == 0:
+        return torch.zeros(lead, dtype=torch.int64, device=maps.device)
+    method = _resolve_method(method, maps.device)
+    x = maps.reshape(1, -1, h, w) if maps.dim() != 4 else maps
+    chunk = chunk_elems or _CHUNK_ELEMS.get(maps.device.type, _CHUNK_ELEMS["cuda"])
+    workers = workers or torch.get_num_threads()
+    if maps.device.type == "cpu":
+        with _cpu_pool(workers) as pool:
+            out = _ranks_4d(x, method, chunk, pool, workers)
+    else:
+        out = _ranks_4d(x, method, chunk, None, 1)
+    return out.reshape(lead)
+
+
+# ==================================================================================================
+# 2. Rank points: registry defaults, automatic discovery
+# ==================================================================================================
+
+# Per-channel operations that keep channel j of the conv in channel j on the way to its activation.
+_PASS_MODULES = (nn.modules.batchnorm._BatchNorm, nn.Identity, nn.modules.dropout._DropoutNd, nn.MaxPool2d,
+                 nn.AvgPool2d)
+_ADD_FUNCS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
+              torch.Tensor.__iadd__}
+_CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
+_SAME_FUNCS = {torch.Tensor.contiguous, torch.Tensor.clone, torch.clone, F.dropout, F.dropout2d, F.batch_norm,
+               F.max_pool2d, F.avg_pool2d}
+_RELU_FUNCS = {F.relu, F.relu_, F.relu6, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+
+
+def _is_relu_like(m: nn.Module) -> bool:
+    """ReLU, ReLU6 and any Hardtanh clamping at 0: ranks carry information only after such a clamp."""
+    return isinstance(m, nn.ReLU) or (isinstance(m, nn.Hardtanh) and m.min_val == 0)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The wrapped module of DataParallel / DistributedDataParallel, else the model itself."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+@dataclass
+class _Node:
+    """One traced operation: a leaf module call or a torch function outside leaf modules."""
+
+    kind: str  # conv | relu | pass | funcrelu | other
+    label: str  # for messages: "Conv2d layer1.0.conv1", "add", ...
+    module: str | None
+    call: int
+    inputs: list[tuple[int, int]]  # (producer node, channel offset of that input in this node's output)
+    channels: int | None
+
+
+class _Tracer(TorchFunctionMode):
+    """Records the data flow of one forward pass: which operation produced and consumed each tensor.
+
+    Leaf modules are single nodes (seen through module hooks); torch functions called outside leaf
+    modules (residual adds, concatenations, functional activations) are nodes too. Tensors are keyed
+    by ``id`` and kept alive for the trace, so ids cannot be reused; in-place ops re-key their tensor.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.nodes: list[_Node] = []
+        self.producer: dict[int, int] = {}
+        self.keep: list[torch.Tensor] = []
+        self.calls: dict[str, int] = {}
+        self.in_leaf = 0
+        self.pending: list[tuple[str, list[int]]] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self):
+        for name, m in self.model.named_modules():
+            if next(m.children(), None) is None:
+                self.handles.append(m.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+                self.handles.append(m.register_forward_hook(self._post(name)))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return super().__exit__(*exc)
+
+    @staticmethod
+    def _tensors(obj: Any) -> list[torch.Tensor]:
+        if isinstance(obj, torch.Tensor):
+            return [obj]
+        if isinstance(obj, (list, tuple)):
+            return [t for o in obj for t in _Tracer._tensors(o)]
+        if isinstance(obj, dict):
+            return [t for o in obj.values() for t in _Tracer._tensors(o)]
+        return []
+
+    def _add(self, node: _Node, outputs: list[torch.Tensor]) -> None:
+        self.nodes.append(node)
+        for t in outputs:
+            self.producer[id(t)] = len(self.nodes) - 1
+            self.keep.append(t)
+
+    def _pre(self, name: str):
+        def hook(module, args, kwargs):
+            self.in_leaf += 1
+            srcs = [self.producer.get(id(t), -1) for t in self._tensors((args, kwargs))]
+            self.pending.append((name, srcs))
+        return hook
+
+    def _post(self, name: str):
+        def hook(module, args, output):
+            self.in_leaf -= 1
+            _, srcs = self.pending.pop()
+            call = self.calls.get(name, 0)
+            self.calls[name] = call + 1
+            outs = self._tensors(output)
+            if isinstance(module, nn.Conv2d):
+                kind = "conv"
+            elif _is_relu_like(module):
+                kind = "relu"
+            elif isinstance(module, _PASS_MODULES):
+                kind = "pass"
+            else:
+                kind = "other"
+            channels = outs[0].shape[1] if outs and outs[0].dim() >= 2 else None
+            node = _Node(kind, f"{type(module).__name__} {name}", name, call,
+                         [(s, 0) for s in srcs if s >= 0], channels)
+            self._add(node, outs)
+        return hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.in_leaf:
+            return out
+        outs = self._tensors(out)
+        ins = self._tensors((args, kwargs))
+        srcs = [self.producer.get(id(t), -1) for t in ins]
+        if not outs or all(s < 0 for s in srcs):
+            return out
+        name = getattr(func, "__name__", str(func))
+        first = outs[0]
+        inputs = [(s, 0) for s in srcs if s >= 0]
+        kind = "other"
+        if func in _RELU_FUNCS:
+            kind = "funcrelu"
+        elif func in _SAME_FUNCS:
+            kind = "pass"
+        elif func in _ADD_FUNCS:
+            # a residual add keeps channel j in place unless it broadcasts over channels
+            kind = "pass" if all(t.dim() == first.dim() and t.shape[1:] == first.shape[1:] for t in ins) \
+                and first.dim() >= 2 else "other"
+        elif func in _CAT_FUNCS:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            parts = self._tensors(args[0] if args else kwargs.get("tensors", ()))
+            if first.dim() >= 2 and dim in (1, 1 - first.dim()):
+                kind = "pass"
+                inputs, offset = [], 0
+                for t in parts:
+                    s = self.producer.get(id(t), -1)
+                    if s >= 0:
+                        inputs.append((s, offset))
+                    offset += t.shape[1]
+        channels = first.shape[1] if first.dim() >= 2 else None
+        self._add(_Node(kind, name, None, 0, inputs, channels), outs)
+        return out
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> _Tracer:
+    """Run ``model`` once on ``example`` in eval mode under a tracer (train/eval state restored)."""
+    modes = {m: m.training for m in model.modules()}
+    tracer = _Tracer(model)
+    try:
+        model.eval()
+        with torch.no_grad(), tracer:
+            model(example)
+    finally:
+        for m, t in modes.items():
+            m.training = t
+    return tracer
+
+
+def _discover(model: nn.Module, convs: Sequence[str], example: torch.Tensor
+              ) -> tuple[dict[str, RankPoint], dict[str, str]]:
+    """Automatic rank points: for each conv, the first ReLU-like module its output reaches.
+
+    The search follows BatchNorm, Identity, Dropout, max/average pooling, residual adds (channel j stays
+    channel j) and channel concatenations (channels shift by the offset: the point is then a slice).
+    Anything else before a ReLU (another conv, pooling, LeakyReLU, a functional relu that cannot be
+    hooked, no use at all) leaves the conv without a point; the reason is returned for the message.
+    """
+    tracer = _trace(model, example)
+    nodes = tracer.nodes
+    consumers: dict[int, list[tuple[int, int]]] = {}
+    for i, node in enumerate(nodes):
+        for src, offset in node.inputs:
+            consumers.setdefault(src, []).append((i, offset))
+    conv_nodes: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        if node.kind == "conv":
+            conv_nodes.setdefault(node.module or "", []).append(i)
+    points: dict[str, RankPoint] = {}
+    reasons: dict[str, str] = {}
+    for conv in convs:
+        found = conv_nodes.get(conv, [])
+        if not found:
+            reasons[conv] = "does not run in the forward pass"
+            continue
+        if len(found) > 1:
+            reasons[conv] = f"runs {len(found)} times per forward pass"
+            continue
+        start = found[0]
+        width = nodes[start].channels or 0
+        stack, seen = [(start, 0, width)], set()
+        best: tuple[int, int, int] | None = None
+        blocker: tuple[int, str] | None = None
+        while stack:
+            at, lo, hi = stack.pop()
+            for nxt, offset in consumers.get(at, []):
+                key = (nxt, lo + offset, hi + offset)
+                if key in seen:
+                    continue
+                seen.add(key)
+                kind = nodes[nxt].kind
+                if kind == "relu":
+                    if best is None or nxt < best[0]:
+                        best = key
+                elif kind == "pass":
+                    stack.append(key)
+                else:
+                    why = ("reaches a functional relu, which cannot be hooked (use an nn.ReLU module or pass "
+                           "points=)" if kind == "funcrelu" else f"reaches {nodes[nxt].label} before any ReLU")
+                    if blocker is None or nxt < blocker[0]:
+                        blocker = (nxt, why)
+        if best is None:
+            reasons[conv] = blocker[1] if blocker else "its output is not used"
+            continue
+        node = nodes[best[0]]
+        assert node.module is not None
+        channels = None if (best[1], best[2]) == (0, node.channels) else (best[1], best[2])
+        call = node.call if tracer.calls.get(node.module, 1) > 1 else None
+        points[conv] = RankPoint(node.module, channels, call=call)
+    return points, reasons
+
+
+def _example_input(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
+    """An input for tracing: the one given, the registry's input size, or the first that runs of 32/64/224."""
+    if example_input is not None:
+        return example_input[:2]
+    device = _model_device(model)
+    arch = getattr(model, "hrank_arch", None)
+    if arch in models.names():
+        return torch.zeros((2, *models.get_spec(arch).input_size), device=device)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first.in_channels if first is not None else 3
+    for size in (32, 64, 224):
+        x = torch.zeros(2, channels, size, size, device=device)
+        try:
+            with torch.no_grad():
+                _trace(model, x)
+            return x
+        except Exception:  # wrong size for this model: try the next one
+            continue
+    raise HRankError(f"could not run {type(model).__name__} on a 2x{channels}xSxS input (S = 32, 64, 224); "
+                     "pass example_input")
+
+
+def _conv_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def _resolve_points(model: nn.Module, points: Mapping[str, str | RankPoint] | None, convs: Sequence[str] | None,
+                    example_input: torch.Tensor | None) -> tuple[dict[str, RankPoint], dict[str, str]]:
+    """Points for the convs to rank: user ``points`` first, then the registry's, then automatic discovery."""
+    all_convs = _conv_names(model)
+    if not all_convs:
+        raise HRankError(f"{type(model).__name__} has no Conv2d layers: nothing to rank")
+    conv_set = set(all_convs)
+    modules = dict(model.named_modules())
+    user: dict[str, RankPoint] = {}
+    for conv, p in (points or {}).items():
+        if conv not in conv_set:
+            raise HRankError(f"points: {conv!r} is not a Conv2d of the model")
+        rp = RankPoint(p) if isinstance(p, str) else p
+        if not isinstance(rp, RankPoint):
+            raise HRankError(f"points[{conv!r}] must be a module name or a RankPoint, got {type(p).__name__}")
+        if rp.module not in modules:
+            raise HRankError(f"points[{conv!r}]: the model has no module {rp.module!r}")
+        user[conv] = rp
+    arch = getattr(model, "hrank_arch", None)
+    registry: dict[str, RankPoint] = {}
+    if arch in models.names():
+        registry = {c: p for c, p in models.rank_points(model).items() if c in conv_set and p.module in modules}
+    if convs is not None:
+        wanted = list(dict.fromkeys(convs))
+        bad = [c for c in wanted if c not in conv_set]
+        if bad:
+            raise HRankError(f"convs: {bad[0]!r} is not a Conv2d of the model")
+    else:
+        wanted = list(registry) if registry else all_convs
+        wanted += [c for c in user if c not in wanted]
+    found = {c: user.get(c) or registry.get(c) for c in wanted}
+    missing = [c for c, p in found.items() if p is None]
+    reasons: dict[str, str] = {}
+    if missing:
+        auto, reasons = _discover(model, missing, _example_input(model, example_input))
+        found.update(auto)
+    resolved = {c: p for c, p in found.items() if p is not None}
+    if reasons:
+        listing = "; ".join(f"{c}: {r}" for c, r in list(reasons.items())[:5])
+        more = f" (+{len(reasons) - 5} more)" if len(reasons) > 5 else ""
+        if convs is not None or not resolved:
+            raise HRankError(f"no rank point for {len(reasons)} conv(s), give points= for them: {listing}{more}")
+        warnings.warn(f"{len(reasons)} conv(s) are not ranked (no hookable ReLU-like activation after them): "
+                      f"{listing}{more}", stacklevel=3)
+    return resolved, reasons
+
+
+def find_rank_points(model: nn.Module, convs: Sequence[str] | None = None, *,
+                     example_input: torch.Tensor | None = None) -> dict[str, RankPoint]:
+    """Where each conv's filters are scored: the registry's HRank points, else found automatically.
+
+    For a registry model (``hrank.models.create``) these are HRank's points (post-add ReLU for a residual
+    block's last conv, DenseNet's next BN-ReLU slice, GoogLeNet's per-branch slices...). For any other
+    model each conv gets the first ReLU-like activation its output reaches through BN, residual adds
+    and concatenations, found by tracing one forward pass of ``example_input`` (default: a zero batch
+    of a size the model accepts). Convs without such an activation are listed in a warning and left
+    out; if ``convs`` names them explicitly, that is an error instead.
+    """
+    model = _unwrap(model)
+    return _resolve_points(model, None, convs, example_input)[0]
+
+
+# ==================================================================================================
+# 3. compute_ranks: one forward pass per batch, hooks on every point, DDP reduction
+# ==================================================================================================
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor,
+               padding: int) -> torch.Tensor:
+    """Random-crop (zero padding) and horizontal flip with given per-image offsets, on the images' device."""
+    n, c, h, w = images.shape
+    dev = images.device
+    padded = F.pad(images, (padding,) * 4)
+    rows = (oy.to(dev)[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (ox.to(dev)[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+    out = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                 rows, cols]
+    return torch.where(flip.to(dev)[:, None, None, None], out.flip(3), out)
+
+
+def _imageset_batches(data: ImageSet, num_images: int, batch_size: int, *, seed: int, augment: bool,
+                      norm: Normalization, device: torch.device, rank: int, world: int
+                      ) -> tuple[Iterator[torch.Tensor], int]:
+    """Batches of this process's share of ``num_images`` images drawn in a seeded order.
+
+    The draw and every image's crop/flip depend only on ``seed``, and each process takes a contiguous
+    block of the draw, so any number of processes and any batch size rank the same images.
+    """
+    if data.images.dim() != 4:
+        raise HRankError(f"images must be (N, C, H, W), got shape {tuple(data.images.shape)}")
+    if len(data) == 0:
+        raise HRankError(f"dataset {data.name or ''} is empty".replace("  ", " "))
+    if len(data) < num_images:
+        raise HRankError(f"dataset {data.name or ''} has {len(data)} images, fewer than num_images={num_images}; "
+                         "lower num_images".replace("  ", " "))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=g)[:num_images]
+    oy = torch.randint(0, 2 * _AUGMENT_PADDING + 1, (num_images,), generator=g)
+    ox = torch.randint(0, 2 * _AUGMENT_PADDING + 1, (num_images,), generator=g)
+    flip = torch.rand(num_images, generator=g) < 0.5
+    lo, hi = num_images * rank // world, num_images * (rank + 1) // world
+
+    def gen() -> Iterator[torch.Tensor]:
+        for start in range(lo, hi, batch_size):
+            sl = slice(start, min(start + batch_size, hi))
+            imgs = data.images[order[sl].to(data.images.device)].to(device)
+            if augment:
+                imgs = _crop_flip(imgs, oy[sl], ox[sl], flip[sl], _AUGMENT_PADDING)
+            yield normalize(imgs, norm)
+
+    return gen(), math.ceil((hi - lo) / batch_size)
+
+
+def _iterable_batches(data: Iterable, num_images: int, device: torch.device, rank: int, world: int
+                      ) -> tuple[Iterator[torch.Tensor], int | None]:
+    """Images from an iterable of (images, labels) batches (or image tensors), up to this process's share."""
+    share = num_images * (rank + 1) // world - num_images * rank // world
+
+    def gen() -> Iterator[torch.Tensor]:
+        taken = 0
+        for item in data:
+            if taken >= share:
+                return
+            x = item[0] if isinstance(item, (tuple, list)) else item
+            if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise HRankError(f"data batches must be float image tensors (N, C, H, W), got {shape}")
+            x = x[: share - taken]
+            taken += x.shape[0]
+            yield x.to(device, non_blocking=True)
+        if taken < share:
+            raise HRankError(f"data yielded {taken} images, fewer than the {share} needed "
+                             f"(num_images={num_images}{f' over {world} processes' if world > 1 else ''})")
+
+    size = getattr(data, "batch_size", None)  # a DataLoader knows its batch count; a plain iterable may not
+    return gen(), math.ceil(share / size) if isinstance(size, int) and size > 0 else None
+
+
+@dataclass
+class _Group:
+    """All convs scored on one call of one module; ranks are computed once on the hull of their slices."""
+
+    module: str
+    call: int | None
+    convs: list[tuple[str, RankPoint]]
+    lo: int = 0
+    hi: int = 0
+    sums: torch.Tensor | None = None
+    spatial: tuple[int, int] | None = None
+    fired: bool = False
+
+
+def _check_input(model: nn.Module, shape: Sequence[int]) -> None:
+    """One-line errors for images that cannot fit the model (channels; registry input size)."""
+    if len(shape) != 4:
+        raise HRankError(f"images must be (N, C, H, W), got shape {tuple(shape)}")
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and shape[1] != first.in_channels:
+        raise HRankError(f"images have {shape[1]} channels, the model's first conv expects {first.in_channels}")
+    arch = getattr(model, "hrank_arch", None)
+    if arch in models.names():
+        spec = models.get_spec(arch)
+        if spec.dataset == "cifar" and tuple(shape[1:]) != tuple(spec.input_size):
+            raise HRankError(f"images are {'x'.join(map(str, shape[1:]))}, {arch} expects "
+                             f"{'x'.join(map(str, spec.input_size))}")
+
+
+class _Hooks:
+    """Forward hooks on every rank point: rank each point's maps as the forward pass produces them."""
+
+    def __init__(self, model: nn.Module, points: dict[str, RankPoint], method: str, chunk: int,
+                 pool: Executor | None, workers: int) -> None:
+        self.modules = dict(model.named_modules())
+        self.method, self.chunk, self.pool, self.workers = method, chunk, pool, workers
+        by_key: dict[tuple[str, int | None], _Group] = {}
+        for conv, p in points.items():
+            by_key.setdefault((p.module, p.call), _Group(p.module, p.call, [])).convs.append((conv, p))
+        self.groups = list(by_key.values())
+        self.calls: dict[str, int] = {}
+        self.handles = []
+        per_module: dict[str, list[_Group]] = {}
+        for grp in self.groups:
+            per_module.setdefault(grp.module, []).append(grp)
+        for name, mine in per_module.items():
+            self.handles.append(self.modules[name].register_forward_hook(self._hook(name, mine)))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def start_batch(self) -> None:
+        self.calls.clear()
+        for grp in self.groups:
+            grp.fired = False
+
+    def end_batch(self) -> None:
+        for grp in self.groups:
+            if not grp.fired:
+                call = f" (call {grp.call})" if grp.call is not None else ""
+                raise HRankError(f"rank point {grp.module}{call} of {grp.convs[0][0]} did not run in the "
+                                 "forward pass")
+
+    def _hook(self, name: str, mine: list[_Group]):
+        def hook(module, args, output):
+            n = self.calls.get(name, 0)
+            self.calls[name] = n + 1
+            for grp in mine:
+                if grp.call is None and n > 0:
+                    raise HRankError(f"module {name} runs more than once per forward pass; give the rank point "
+                                     f"of {grp.convs[0][0]} a call index (RankPoint(..., call=i))")
+                if (grp.call or 0) == n:
+                    self._rank(grp, output)
+        return hook
+
+    def _first(self, grp: _Group, output: torch.Tensor) -> None:
+        """First batch: check every conv's slice against its filter count; fix the hull and the sizes."""
+        width = output.shape[1]
+        for conv, p in grp.convs:
+            lo, hi = p.channels or (0, width)
+            need = self.modules[conv].out_channels
+            if not (0 <= lo < hi <= width) or hi - lo != need:
+                what = f"channels {lo}:{hi} of the" if p.channels else "the"
+                raise HRankError(f"rank point of {conv}: {what} {width}-channel output of {grp.module} does "
+                                 f"not match its {need} filters")
+        grp.lo = min((p.channels or (0, width))[0] for _, p in grp.convs)
+        grp.hi = max((p.channels or (0, width))[1] for _, p in grp.convs)
+        grp.sums = torch.zeros(grp.hi - grp.lo, dtype=torch.float64, device=output.device)
+        grp.spatial = (int(output.shape[2]), int(output.shape[3]))
+
+    def _rank(self, grp: _Group, output: Any) -> None:
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise HRankError(f"rank point {grp.module} of {grp.convs[0][0]} must output (N, C, H, W) feature "
+                             f"maps, got {shape}")
+        if grp.sums is None:
+            self._first(grp, output)
+        ranks = _ranks_4d(output.detach()[:, grp.lo:grp.hi], self.method, self.chunk, self.pool, self.workers)
+        if bool((ranks < 0).any()):  # -1 marks a map with NaN/inf values
+            raise HRankError(f"non-finite activations (NaN/inf) at {grp.module}, the rank point of "
+                             f"{grp.convs[0][0]}; check the checkpoint and the input normalization")
+        grp.sums += ranks.sum(0, dtype=torch.float64)
+        grp.fired = True
+
+
+def _forward_first(model: nn.Module, x: torch.Tensor) -> None:
+    """The first batch: a model that cannot take these images fails with one line, not a traceback."""
+    try:
+        model(x)
+    except HRankError:
+        raise
+    except RuntimeError as e:
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HRankError(f"model failed on images of shape {tuple(x.shape)}: {line[:200]}") from None
+
+
+def compute_ranks(model: nn.Module, data: ImageSet | Iterable, *, num_images: int = 500, batch_size: int = 128,
+                  device: torch.device | str | None = None, points: Mapping[str, str | RankPoint] | None = None,
+                  progress: bool = True, augment: bool = True, seed: int = 0,
+                  normalization: Normalization | str | dict | None = None, convs: Sequence[str] | None = None,
+                  method: str = "gram", chunk_elems: int | None = None, workers: int | None = None) -> Ranks:
+    """Score every filter by the mean rank of its feature maps over ``num_images`` images (HRank).
+
+    ``data`` is an ImageSet (uint8 images: drawn in a ``seed``-ed order, cropped/flipped as HRank did
+    when ``augment``, normalized with ``normalization``: default the registry's preset, else "cifar") or
+    an iterable of float (images, labels) batches already normalized (then seed/augment/normalization
+    do not apply). Fewer images than ``num_images`` is an error. The model runs once per batch in eval
+    mode without gradients, with hooks on every rank point (``find_rank_points``; ``points`` overrides
+    entries, ``convs`` restricts the convs); its train/eval state and device are restored afterwards and
+    the hooks are always removed. Ranks are exact (``matrix_ranks``, ``method``); per-filter sums are
+    float64; extra memory is bounded by ``chunk_elems`` (docs/ranks.md). Under ``torch.distributed``
+    each process ranks a contiguous share of the images and the sums are all-reduced, so every process
+    returns the same result, equal to a single process's.
+    """
+    if num_images < 1:
+        raise HRankError(f"num_images must be >= 1, got {num_images}")
+    if batch_size < 1:
+        raise HRankError(f"batch size must be >= 1, got {batch_size}")
+    model = _unwrap(model)
+    if not _conv_names(model):
+        raise HRankError(f"{type(model).__name__} has no Conv2d layers: nothing to rank")
+    home = _model_device(model)
+    dev = torch.device(device) if device is not None else home
+    method = _resolve_method(method, dev)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    if num_images < world:
+        raise HRankError(f"num_images={num_images} is smaller than the number of processes ({world})")
+    arch = getattr(model, "hrank_arch", None)
+    if isinstance(data, ImageSet):
+        _check_input(model, (1, *data.images.shape[1:]))
+        norm = Normalization.get(normalization if normalization is not None else
+                                 (models.get_spec(arch).normalization if arch in models.names() else None))
+        batches, total = _imageset_batches(data, num_images, batch_size, seed=seed, augment=augment, norm=norm,
+                                           device=dev, rank=rank, world=world)
+        data_meta: dict[str, Any] = {"dataset": data.name, "augment": augment, "seed": seed,
+                                     "normalization": norm.to_json()}
+    else:
+        batches, total = _iterable_batches(data, num_images, dev, rank, world)
+        data_meta = {"dataset": type(data).__name__, "augment": None, "seed": None, "normalization": None}
+
+    n_workers = (workers or torch.get_num_threads()) if dev.type == "cpu" else 1
+    chunk = chunk_elems or _CHUNK_ELEMS.get(dev.type, _CHUNK_ELEMS["cuda"])
+    modes = {m: m.training for m in model.modules()}
+    pool = _cpu_pool(n_workers) if dev.type == "cpu" else None
+    hooks: _Hooks | None = None
+    resolved: dict[str, RankPoint] = {}
+    reasons: dict[str, str] = {}
+    count = 0
+    started = time.perf_counter()
+    bar = None
+    failed = False
+    try:
+        if dev != home:
+            model.to(dev)
+        model.eval()
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, desc="ranking", unit="batch")
+        with torch.no_grad():
+            for x in batches:
+                if hooks is None:
+                    _check_input(model, x.shape)
+                    resolved, reasons = _resolve_points(model, points, convs, x)
+                    hooks = _Hooks(model, resolved, method, chunk, pool, n_workers)
+                    hooks.start_batch()
+                    _forward_first(model, x)
+                else:
+                    hooks.start_batch()
+                    model(x)
+                hooks.end_batch()
+                count += x.shape[0]
+                if bar is not None:
+                    bar.update(1)
+        if hooks is None:
+            raise HRankError("no images to rank")
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if hooks is not None:
+            hooks.remove()
+        if pool is not None:
+            pool.shutdown()
+        if bar is not None:
+            bar.close()
+        for m, t in modes.items():
+            m.training = t
+        if dev != home:
+            model.to(home)
+        if distributed:  # every process must reach the same collectives, failed or not
+            _agree(failed, dev)
+    assert hooks is not None
+    groups = hooks.groups
+    total_count = _all_reduce(groups, count, dev) if distributed else count
+    scores: dict[str, np.ndarray] = {}
+    spatial: dict[str, tuple[int, int]] = {}
+    for grp in groups:
+        assert grp.sums is not None and grp.spatial is not None
+        mean = (grp.sums / total_count).cpu().numpy()
+        for conv, p in grp.convs:
+            lo, hi = p.channels or (grp.lo, grp.hi)
+            scores[conv] = mean[lo - grp.lo:hi - grp.lo].copy()
+            spatial[conv] = grp.spatial
+    order = list(resolved)
+    meta = {"source": "computed", "method": method, "batch_size": batch_size, "world_size": world,
+            "device": dev.type, "seconds": round(time.perf_counter() - started, 3), "torch": torch.__version__,
+            "unranked": reasons, "model_convs": _model_convs(model), **data_meta}
+    return Ranks({c: scores[c] for c in order}, int(total_count), {c: spatial[c] for c in order},
+                 {c: resolved[c] for c in order}, model_fingerprint(model), arch if arch in models.names() else None,
+                 meta)
+
+
+def _agree(failed: bool, device: torch.device) -> None:
+    """All processes learn whether any failed, so none waits forever in the reduction of the sums."""
+    dist = torch.distributed
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([1.0 if failed else 0.0], dtype=torch.float64, device=on)
+    dist.all_reduce(flag)
+    if flag.item() > 0 and not failed:
+        raise HRankError("rank computation failed on another process (see its error)")
+
+
+def _all_reduce(groups: list[_Group], count: int, device: torch.device) -> int:
+    """Sum every process's per-filter rank sums and image counts (one collective); returns the total count."""
+    dist = torch.distributed
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    vec = torch.cat([grp.sums.to(on) for grp in groups if grp.sums is not None]
+                    + [torch.tensor([float(count)], dtype=torch.float64, device=on)])
+    dist.all_reduce(vec)
+    offset = 0
+    for grp in groups:
+        assert grp.sums is not None
+        size = grp.sums.numel()
+        grp.sums = vec[offset:offset + size].to(device)
+        offset += size
+    return int(round(vec[-1].item()))
+
+
+# ==================================================================================================
+# 4. Ranks: the artefact (npz + JSON), validation, the official HRank rank folders
+# ==================================================================================================
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A stable hash of the names, types and weight shapes (not values) of all conv, linear and BN layers.
+
+    Two models with the same fingerprint accept the same ranks file; it survives device moves and
+    training, and changes when any layer is added, renamed or resized (e.g. by pruning).
+    """
+    h = hashlib.sha256()
+    for name, m in _unwrap(model).named_modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase)):
+            w = getattr(m, "weight", None)
+            shape = tuple(w.shape) if isinstance(w, torch.Tensor) else (getattr(m, "num_features", None),)
+            h.update(f"{name}|{type(m).__name__}|{shape}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _model_convs(model: nn.Module) -> dict[str, int]:
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+_FORMAT = "hrank-ranks"
+_VERSION = 1
+
+
+@dataclass
+class Ranks:
+    """Mean feature-map rank per filter for a set of convs, and how it was measured.
+
+    ``scores[conv]`` has one float64 entry per output filter. ``points`` says where each conv was scored,
+    ``spatial`` the H x W of its maps, ``fingerprint``/``arch`` which model, ``meta`` the rest (source
+    "computed" or "official", seed, augmentation, normalization, timing, convs left unranked and why).
+    """
+
+    scores: dict[str, np.ndarray]
+    num_images: int
+    spatial: dict[str, tuple[int, int]] = field(default_factory=dict)
+    points: dict[str, RankPoint] = field(default_factory=dict)
+    fingerprint: str = ""
+    arch: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one ``.npz``: the score arrays plus a JSON header (no pickles), atomically."""
+        names = list(self.scores)
+        header = {"format": _FORMAT, "version": _VERSION, "convs": names, "num_images": self.num_images,
+                  "spatial": {c: list(v) for c, v in self.spatial.items()},
+                  "points": {c: p.to_json() for c, p in self.points.items()},
+                  "fingerprint": self.fingerprint, "arch": self.arch, "meta": self.meta}
+        arrays = {f"s{i}": np.asarray(self.scores[c], dtype=np.float64) for i, c in enumerate(names)}
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_save_with(path, write)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Ranks:
+        """Read a file written by ``save``; with ``model``, also ``validate`` that it belongs to that model."""
+        path = require_file(path, "ranks file")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(bytes(z["header"]).decode())
+                if header.get("format") != _FORMAT:
+                    raise KeyError("format")
+                scores = {c: np.asarray(z[f"s{i}"], dtype=np.float64) for i, c in enumerate(header["convs"])}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError):
+            raise HRankError(f"{path} is not an hrank ranks file (write one with `hrank rank`)") from None
+        if header.get("version", 0) > _VERSION:
+            raise HRankError(f"{path} was written by a newer hrank (format version {header['version']})")
+        ranks = cls(scores, int(header["num_images"]), {c: tuple(v) for c, v in header.get("spatial", {}).items()},
+                    {c: RankPoint.from_json(p) for c, p in header.get("points", {}).items()},
+                    header.get("fingerprint", ""), header.get("arch"), header.get("meta", {}))
+        if model is not None:
+            ranks.validate(model)
+        return ranks
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise HRankError unless these ranks fit ``model``: same architecture, every scored conv present
+        with as many filters as scores, and no conv that the ranked model lacked. Names the first bad layer."""
+        model = _unwrap(model)
+        arch = getattr(model, "hrank_arch", None)
+        if self.arch and arch and arch != self.arch:
+            raise HRankError(f"these ranks are for {self.arch}, not for the {arch} model")
+        have = _model_convs(model)
+        for conv, s in self.scores.items():
+            if conv not in have:
+                raise HRankError(f"ranks are for another model: it has no conv {conv}")
+            if have[conv] != len(s):
+                raise HRankError(f"ranks are for another model: {conv} has {have[conv]} filters, the ranks {len(s)}")
+        ranked = self.meta.get("model_convs")
+        if ranked and model_fingerprint(model) != self.fingerprint:
+            extra = [c for c in have if c not in ranked]
+            if extra:
+                raise HRankError(f"ranks are for another model: the ranked model had no conv {extra[0]}")
+            changed = [c for c in have if ranked[c] != have[c]]
+            if changed:
+                raise HRankError(f"ranks are for another model: {changed[0]} has {have[changed[0]]} filters, "
+                                 f"the ranked model {ranked[changed[0]]}")
+
+    @classmethod
+    def from_official(cls, folder: str | os.PathLike, arch: str) -> Ranks:
+        """Import an official HRank ``rank_conv/<arch>/`` folder (``rank_conv<k>.npy`` per conv) for any of
+        the six architectures, mapping file k to the conv it was measured for (see docs/ranks.md)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise HRankError(f"official rank folder not found: {folder}")
+        files = _official_files(arch)
+        with torch.device("meta"):
+            model = models.create(arch)
+        have = _model_convs(model)
+        scores: dict[str, np.ndarray] = {}
+        for conv, fname in files.items():
+            path = folder / fname
+            if not path.exists():
+                raise HRankError(f"{folder} lacks {fname} (the ranks of {conv}); is it the {arch} folder?")
+            try:
+                values = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise HRankError(f"cannot read {path}: {e}") from None
+            if values.ndim != 1 or len(values) != have[conv]:
+                raise HRankError(f"{path} has {values.shape} values, {conv} of {arch} has {have[conv]} filters")
+            scores[conv] = values.astype(np.float64)
+        points = models.rank_points(model)
+        spatial = _point_spatial(model, {c: points[c] for c in scores})
+        # The shipped files average 6 batches of 128 images (reference README, "surprises" 1).
+        return cls(scores, 768, spatial, {c: points[c] for c in scores}, model_fingerprint(model), arch,
+                   {"source": "official", "folder": str(folder), "files": files, "model_convs": have,
+                    "note": "official HRank rank files: float32 running means over 768 augmented training images"})
+
+
+def _official_files(arch: str) -> dict[str, str]:
+    """conv -> official rank file name, in the official mask order (reference README, 'How entries...')."""
+    if arch not in ("vgg_16_bn", "resnet_56", "resnet_110", "densenet_40", "googlenet", "resnet_50"):
+        known = [a for a in models.names() if a not in ("resnet_20", "resnet_32", "resnet_44")]
+        raise HRankError(f"no official HRank ranks exist for {arch!r}; known: {', '.join(known)}")
+    with torch.device("meta"):
+        model = models.create(arch)
+    if arch == "googlenet":
+        from hrank.models.googlenet import ORDER
+        files = {"pre_layers.0": "rank_conv1.npy"}
+        for k, name in enumerate(ORDER, start=2):
+            m = f"inception_{name}"
+            files[f"{m}.branch1x1.0"] = f"rank_conv{k}_n1x1.npy"
+            files[f"{m}.branch3x3.3"] = f"rank_conv{k}_n3x3.npy"
+            files[f"{m}.branch5x5.3"] = f"rank_conv{k}_n5x5.npy"  # one file for both convs of the branch
+            files[f"{m}.branch5x5.6"] = f"rank_conv{k}_n5x5.npy"
+            files[f"{m}.branch_pool.1"] = f"rank_conv{k}_pool_planes.npy"
+        return files
+    if arch == "resnet_50":  # mask.py order: per block conv1, conv2, conv3, then block 0's downsample
+        order = ["conv1"]
+        for name, m in model.named_modules():
+            if name.count(".") == 1 and name.startswith("layer"):
+                order += [f"{name}.conv1", f"{name}.conv2", f"{name}.conv3"]
+                if m.downsample is not None:
+                    order.append(f"{name}.downsample.0")
+    else:
+        order = models.prunable_convs(model)
+        if arch == "vgg_16_bn":
+            order = order[:12]  # the 13th conv is never pruned and has no file
+    return {conv: f"rank_conv{k}.npy" for k, conv in enumerate(order, start=1)}
+
+
+def _point_spatial(model: nn.Module, points: dict[str, RankPoint]) -> dict[str, tuple[int, int]]:
+    """H x W at each point, from one forward pass of a meta-device copy (no memory, no compute)."""
+    arch = getattr(model, "hrank_arch", None)
+    if arch not in models.names():
+        return {}
+    sizes: dict[str, tuple[int, int]] = {}
+    handles = []
+    modules = dict(model.named_modules())
+
+    def record(name: str):
+        def hook(module, args, out) -> None:
+            sizes.setdefault(name, (int(out.shape[2]), int(out.shape[3])))
+        return hook
+
+    for name in {p.module for p in points.values()}:
+        handles.append(modules[name].register_forward_hook(record(name)))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty((1, *models.get_spec(arch).input_size), device="meta"))
+    except Exception:  # an op without a meta kernel: spatial sizes are informational only
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    return {c: sizes[p.module] for c, p in points.items() if p.module in sizes}
