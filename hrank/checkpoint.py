@@ -1,0 +1,151 @@
+"""Save and load (pruned) models without pickling modules: weights + plan + metadata.
+
+A file written by :func:`save` is a ``torch.save`` of a plain dict: ``format``, ``hrank_record`` (a JSON
+string: architecture, num_classes, normalization, mode, the plan, user extras, hrank version) and
+``state_dict``. :func:`load` reads it with ``weights_only=True`` (loading never runs code from the file),
+rebuilds the unpruned model from the registry (or a user ``builder``), replays the plan and loads the
+weights strictly, so the round trip gives bit-identical outputs. Training checkpoints embed :func:`model_record`
+(metadata; ``weights=True`` adds the state_dict) and rebuild with :func:`build_from_record`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hrank import __version__, models
+from hrank.data import Normalization
+from hrank.errors import HRankError
+from hrank.io import atomic_torch_save, require_file
+
+__all__ = ["save", "load", "model_record", "build_from_record", "read_record", "FORMAT"]
+
+FORMAT = "hrank.model"
+VERSION = 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
+            hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module)):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def model_record(model: nn.Module, *, plan: Any = None, arch: str | None = None, num_classes: int | None = None,
+                 normalization: Normalization | str | dict | None = None, extra: Mapping | None = None,
+                 weights: bool = False) -> dict:
+    """What rebuilds ``model``: plain, JSON-serialisable metadata (arch, num_classes, normalization, mode,
+    plan, extra); with ``weights`` also a CPU copy of its state_dict under ``"state_dict"``. No modules, no
+    code; ``torch.load(weights_only=True)`` reads a checkpoint embedding it.
+
+    Defaults come from the model: ``model.hrank_plan``, ``model.hrank_mode``, ``model.hrank_arch`` and the
+    width of its last Linear layer. ``extra`` must be JSON-serialisable (it is stored as JSON).
+    """
+    model = _unwrap(model)
+    plan = plan if plan is not None else getattr(model, "hrank_plan", None)
+    mode = (getattr(model, "hrank_mode", None) or "physical") if plan is not None else None
+    arch = arch or getattr(model, "hrank_arch", None)
+    norm = Normalization.get(normalization).to_json() if normalization is not None else None
+    record = {
+        "format": FORMAT, "version": VERSION, "hrank_version": __version__,
+        "arch": arch, "num_classes": num_classes if num_classes is not None else _num_classes(model),
+        "normalization": norm, "mode": mode,
+        "plan": plan.to_json() if plan is not None else None,
+        "extra": dict(extra) if extra is not None else {},
+    }
+    try:
+        json.dumps(record)
+    except (TypeError, ValueError) as e:
+        raise HRankError(f"model metadata is not JSON-serialisable ({e}); pass plain values in extra") from None
+    if weights:
+        record["state_dict"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return record
+
+
+def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Rebuild the (pruned) model a record describes; load its weights strictly when it holds them.
+
+    The unpruned model comes from the registry (``record["arch"]``) or from ``builder()`` (a zero-argument
+    callable, e.g. ``functools.partial(MyNet, num_classes=10)``) for models outside it; then the plan is
+    replayed in the recorded mode and ``record["state_dict"]`` (if any) is loaded.
+    """
+    from hrank.plan import Plan
+    from hrank.prune import apply_plan, enforce_masks
+
+    if record.get("format") != FORMAT:
+        raise HRankError("not an hrank model record (missing format: hrank.model)")
+    if int(record.get("version", 0)) > VERSION:
+        raise HRankError(f"model record version {record.get('version')} is newer than this hrank supports")
+    if builder is not None:
+        model = builder()
+        if not isinstance(model, nn.Module):
+            raise HRankError(f"builder returned {type(model).__name__}, not an nn.Module")
+        if record.get("arch") and getattr(model, "hrank_arch", record["arch"]) != record["arch"]:
+            raise HRankError(f"the file holds {record['arch']}, the builder made {model.hrank_arch}")
+    elif record.get("arch"):
+        model = models.create(record["arch"], num_classes=record.get("num_classes"))
+    else:
+        raise HRankError("this model is not from the hrank registry; pass builder= (a callable returning the "
+                         "unpruned model)")
+    if record.get("plan") is not None:
+        apply_plan(model, Plan.from_json(record["plan"]), mode=record.get("mode") or "physical")
+    if record.get("state_dict") is not None:
+        models.load_checkpoint(model, record["state_dict"])
+        enforce_masks(model)
+    return model
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, plan: Any = None, arch: str | None = None,
+         num_classes: int | None = None, normalization: Normalization | str | dict | None = None,
+         extra: Mapping | None = None) -> Path:
+    """Write weights + plan + metadata to ``path`` atomically (a plain dict; no pickled modules)."""
+    record = model_record(model, plan=plan, arch=arch, num_classes=num_classes, normalization=normalization,
+                          extra=extra, weights=True)
+    state = record.pop("state_dict")
+    return atomic_torch_save({"format": FORMAT, "hrank_record": json.dumps(record), "state_dict": state}, path)
+
+
+def read_record(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(record, state_dict) of a file written by :func:`save`, read with ``weights_only=True``."""
+    path = require_file(path, "model file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise HRankError(f"cannot read model file {path}: {first}") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or "hrank_record" not in obj:
+        raise HRankError(f"{path} is not a model saved by hrank.save (use hrank.models.load_checkpoint for plain "
+                         f"state_dicts)")
+    try:
+        record = json.loads(obj["hrank_record"])
+    except (TypeError, ValueError):
+        raise HRankError(f"{path}: corrupt metadata") from None
+    state = obj.get("state_dict")
+    if not isinstance(state, dict):
+        raise HRankError(f"{path}: no state_dict")
+    return record, state
+
+
+def load(path: str | os.PathLike, *, builder: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by :func:`save` (registry or ``builder``), replay its plan, load weights strictly.
+
+    Returns ``(model, meta)``; the model is on the CPU in eval mode. ``meta`` holds arch, num_classes,
+    normalization, plan (a :class:`hrank.plan.Plan` or None), mode, extra and hrank_version.
+    """
+    record, state = read_record(path)
+    model = build_from_record({**record, "state_dict": state}, builder)
+    model.eval()
+    meta = {k: record.get(k) for k in ("arch", "num_classes", "normalization", "mode", "extra", "hrank_version")}
+    meta["plan"] = getattr(model, "hrank_plan", None)
+    return model, meta
