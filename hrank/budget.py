@@ -1,0 +1,266 @@
+"""Budgets: find per-layer rates that hit a MACs or params target on the *real* pruned network.
+
+HRank's rates are set by hand. Here a target (e.g. keep 50% of the MACs) is turned into rates: every
+prunable coupled group gives up filters in the order of the smallest resulting rate first (ties: module
+order), so rates stay as uniform as the channel counts allow while the budget moves one filter at a time.
+The number of filters removed is found by bisection over an exact cost model read off the dependency graph
+(removing k channels of a group removes k output channels of its members and k input channels, or k x
+positions features, of every consumer), and the answer is confirmed by physically pruning a copy and
+counting it with :func:`hrank.flops.count`. The result is a :class:`hrank.spec.Spec`, printable in HRank's
+list syntax when the model has a rate-entry order.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from hrank import flops, models
+from hrank.errors import HRankError
+from hrank.plan import Group, build_dependency_graph, find_groups, make_plan
+from hrank.prune import apply_plan
+from hrank.spec import Spec, num_pruned
+
+TOLERANCE = 0.01
+
+
+@dataclass
+class BudgetResult:
+    """The spec found, what it achieves on the real pruned network, and how it was found."""
+
+    spec: Spec
+    metric: str  # "macs" or "params"
+    target: float  # absolute count
+    achieved: float  # absolute count of the real pruned network
+    baseline: float
+    macs: int
+    params: int
+    evaluations: int  # physical prunes done to confirm the answer
+    group_pruned: dict[str, int] = field(default_factory=dict)  # first member -> filters removed
+
+    @property
+    def error(self) -> float:
+        """Relative distance of the achieved count from the target."""
+        return abs(self.achieved - self.target) / self.target
+
+    def hrank_string(self) -> str | None:
+        """The rates in HRank's list syntax, or None when the model has no rate-entry order for them."""
+        try:
+            return self.spec.to_hrank_string()
+        except HRankError:
+            return None
+
+    def to_json(self) -> dict:
+        return {"metric": self.metric, "target": self.target, "achieved": self.achieved, "baseline": self.baseline,
+                "ratio": self.achieved / self.baseline, "error": self.error, "macs": self.macs,
+                "params": self.params, "evaluations": self.evaluations, "compress_rate": self.hrank_string(),
+                "rates": dict(self.spec.rates)}
+
+
+def readable_rate(n: int, channels: int) -> float:
+    """The shortest decimal ``r`` with ``int(r * channels) == n`` (HRank's rule), e.g. 5 of 16 -> 0.32."""
+    if n == 0:
+        return 0.0
+    for digits in range(1, 10):
+        scale = 10**digits
+        r = math.ceil(n / channels * scale) / scale
+        if num_pruned(r, channels) == n:
+            return r
+        r = (math.floor(n / channels * scale) + 1) / scale
+        if num_pruned(r, channels) == n:
+            return r
+    r = (n + 0.5) / channels
+    assert num_pruned(r, channels) == n
+    return r
+
+
+def parse_target(value: str | float) -> float:
+    """``0.5`` (a fraction of the baseline), ``62.7M`` / ``1.5B`` / ``490K`` or a plain count."""
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        text = str(value).strip()
+        mult = {"K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9}.get(text[-1:].upper(), 1.0)
+        try:
+            number = float(text[:-1] if mult != 1.0 else text) * mult
+        except ValueError:
+            raise HRankError(f"cannot read target {value!r}; use a fraction such as 0.5 or a count such as 62M") \
+                from None
+    if not math.isfinite(number) or number <= 0:
+        raise HRankError(f"target must be positive, got {value!r}")
+    return number
+
+
+def _candidates(model: nn.Module, scores: Mapping[str, np.ndarray], convs: Sequence[str] | None) -> set[str]:
+    if convs is not None:
+        return set(convs)
+    arch = getattr(model, "hrank_arch", None)
+    allowed = set(scores)
+    if arch is not None:  # the official prunable convs, minus entries the official code never prunes
+        spec = models.get_spec(arch)
+        allowed &= {c for i, entry in enumerate(models.rate_entries(model)) if i not in spec.fixed_zero_entries
+                    for c in entry}
+    return allowed
+
+
+class _CostModel:
+    """MACs and params of the physically pruned network as an exact function of filters removed per group."""
+
+    def __init__(self, model: nn.Module, graph: tp.DependencyGraph, groups: Sequence[Group],
+                 input_size: tuple[int, ...]) -> None:
+        base = flops.count(model, input_size)
+        modules = dict(model.named_modules())
+        self.layers = []  # (module, cin, cout, per_io_macs, per_io_params, bias, depthwise)
+        index = {}
+        for layer in base.layers:
+            m = modules[layer.name]
+            if isinstance(m, nn.Conv2d):
+                kk = m.kernel_size[0] * m.kernel_size[1]
+                hw = layer.output_hw[0] * layer.output_hw[1]
+                depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+                self.layers.append([m.in_channels // m.groups, m.out_channels, kk * hw, kk, m.bias is not None,
+                                    depthwise])
+            else:
+                positions = layer.macs // (m.in_features * m.out_features)
+                self.layers.append([m.in_features, m.out_features, positions, 1, m.bias is not None, False])
+            index[m] = len(self.layers) - 1
+        counted = sum(sum(p.numel() for p in modules[layer.name].parameters(recurse=False)) for layer in base.layers)
+        self.other_params = base.params - counted
+        self.effects = []  # per group: list of (layer index, out removed per channel, in removed per channel)
+        for g in groups:
+            root = modules[g.members[0]]
+            effect: dict[int, list[int]] = {}
+            for item in graph.get_pruning_group(root, tp.prune_conv_out_channels, [0]):
+                m = item.dep.target.module
+                if m not in index:
+                    continue
+                slot = effect.setdefault(index[m], [0, 0])
+                if graph.is_out_channel_pruning_fn(item.dep.handler):
+                    slot[0] = max(slot[0], len(item.idxs))
+                else:
+                    slot[1] = max(slot[1], len(item.idxs))
+            self.effects.append([(i, o, n) for i, (o, n) in effect.items()])
+
+    def __call__(self, counts: Sequence[int]) -> tuple[int, int]:
+        removed_out = [0] * len(self.layers)
+        removed_in = [0] * len(self.layers)
+        for k, effect in zip(counts, self.effects, strict=True):
+            for i, out_per, in_per in effect:
+                removed_out[i] += out_per * k
+                removed_in[i] += in_per * k
+        macs = 0
+        params = self.other_params
+        for (cin, cout, per_macs, per_params, bias, depthwise), r_out, r_in in zip(
+                self.layers, removed_out, removed_in, strict=True):
+            out = cout - r_out
+            inp = cin if depthwise else cin - r_in
+            macs += inp * out * per_macs
+            params += inp * out * per_params + (out if bias else 0)
+        return macs, params
+
+
+def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, target: float | str,
+                metric: str = "macs", input_size: tuple[int, ...] | None = None,
+                example_input: torch.Tensor | None = None, convs: Sequence[str] | None = None,
+                max_rate: float = 0.9, tolerance: float = TOLERANCE,
+                progress: Callable[[str], None] | None = None) -> BudgetResult:
+    """Rates whose physically pruned network has ``target`` MACs (or params), within ``tolerance``.
+
+    ``target`` below or equal to 1 is a fraction of the unpruned count, above 1 an absolute count.
+    ``scores`` (a Ranks or a conv -> scores mapping) decide which filters go inside each group; only
+    groups with a scored member among ``convs`` (default: the official prunable convs for registry
+    models, every scored conv otherwise) are pruned, each by at most ``max_rate`` of its channels.
+    A target that cannot be met is a one-line error naming the closest achievable count.
+    """
+    if metric not in ("macs", "params"):
+        raise HRankError(f"unknown budget metric {metric!r}; choose macs or params")
+    if not 0 < max_rate < 1:
+        raise HRankError(f"max_rate must be in (0, 1), got {max_rate}")
+    if getattr(model, "hrank_plan", None) is not None:
+        raise HRankError("this model is already pruned; find a budget on the unpruned model")
+    arch = getattr(model, "hrank_arch", None)
+    if input_size is None:
+        if example_input is not None:
+            input_size = tuple(example_input.shape[1:])
+        elif arch is not None:
+            input_size = models.get_spec(arch).input_size
+        else:
+            raise HRankError("pass input_size or example_input for a model outside the hrank registry")
+    if example_input is None:
+        p = next(model.parameters())
+        example_input = torch.zeros(1, *input_size, device=p.device)
+    raw = getattr(scores, "scores", scores)
+    base = flops.count(model, input_size)
+    baseline = float(base.macs if metric == "macs" else base.params)
+    goal = parse_target(target)
+    goal = goal * baseline if goal <= 1 else goal
+    if goal > baseline:
+        raise HRankError(f"target {flops.format_count(goal)} {metric} exceeds the unpruned model's "
+                         f"{flops.format_count(baseline)}")
+
+    allowed = _candidates(model, raw, convs)
+    graph = build_dependency_graph(model, example_input)
+    groups = find_groups(model, example_input, graph=graph)
+    prunable: list[Group] = [g for g in groups if g.prunable and any(m in allowed and m in raw for m in g.members)]
+    if not prunable:
+        raise HRankError("no prunable layers with scores: nothing to search over")
+    cost = _CostModel(model, graph, prunable, input_size)
+    which = 0 if metric == "macs" else 1
+    events: list[tuple[float, int]] = []
+    for gi, g in enumerate(prunable):
+        limit = min(g.channels - 1, math.floor(max_rate * g.channels))
+        events += [((k + 1) / g.channels, gi) for k in range(limit)]
+    events.sort()
+
+    def counts_after(n_events: int) -> list[int]:
+        counts = [0] * len(prunable)
+        for _, gi in events[:n_events]:
+            counts[gi] += 1
+        return counts
+
+    def value(n_events: int) -> float:
+        return float(cost(counts_after(n_events))[which])
+
+    lo, hi = 0, len(events)
+    if value(hi) > goal * (1 + tolerance):
+        best = value(hi)
+        raise HRankError(f"target {flops.format_count(goal)} {metric} cannot be met with max_rate {max_rate:g}; "
+                         f"the closest achievable is {flops.format_count(best)} "
+                         f"({best / baseline:.1%} of {flops.format_count(baseline)})")
+    while hi - lo > 1:  # invariant: value(lo) > goal >= value(hi) (or hi is the last event)
+        mid = (lo + hi) // 2
+        if value(mid) > goal:
+            lo = mid
+        else:
+            hi = mid
+    n_events = min((lo, hi), key=lambda n: abs(value(n) - goal))
+    counts = counts_after(n_events)
+    predicted = value(n_events)
+    if abs(predicted - goal) > tolerance * goal:
+        raise HRankError(f"no rates within {tolerance:.0%} of {flops.format_count(goal)} {metric}; the closest "
+                         f"is {flops.format_count(predicted)}")
+
+    mapping = {}
+    for g, n in zip(prunable, counts, strict=True):
+        rate = readable_rate(n, g.channels)
+        mapping.update({m: rate for m in g.members if m in allowed or m in raw})
+    spec = Spec.from_mapping(model, mapping)
+    plan = make_plan(model, raw, spec, example_input=example_input, groups=groups)
+    pruned = apply_plan(copy.deepcopy(model), plan, mode="physical", example_input=example_input)
+    real = flops.count(pruned, input_size)
+    achieved = float(real.macs if metric == "macs" else real.params)
+    if progress:
+        progress(f"{sum(counts)} filters removed: {flops.format_count(achieved)} {metric} "
+                 f"({achieved / baseline:.1%} of the unpruned model)")
+    if (real.macs, real.params) != cost(counts):  # the model must agree with the real network
+        raise HRankError(f"internal: the cost model predicted {cost(counts)} but the pruned network counts "
+                         f"({real.macs}, {real.params}); please report this model")
+    return BudgetResult(spec, metric, goal, achieved, baseline, real.macs, real.params, 1,
+                        {g.members[0]: n for g, n in zip(prunable, counts, strict=True)})

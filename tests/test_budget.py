@@ -1,0 +1,95 @@
+"""Budgets: rates that hit a MACs/params target on the real pruned network."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from hrank import flops, models
+from hrank.budget import find_budget, parse_target, readable_rate
+from hrank.criteria import l1_scores
+from hrank.errors import HRankError
+from hrank.plan import make_plan
+from hrank.prune import apply_plan
+from hrank.spec import Spec, num_pruned
+
+
+@given(st.integers(1, 2048).flatmap(lambda c: st.tuples(st.integers(0, c - 1), st.just(c))))
+def test_readable_rate_prunes_exactly_n(nc):
+    n, c = nc
+    r = readable_rate(n, c)
+    assert num_pruned(r, c) == n and 0 <= r < 1
+
+
+def test_readable_rate_is_short():
+    assert readable_rate(8, 16) == 0.5
+    assert readable_rate(1, 16) == 0.1
+    assert readable_rate(0, 7) == 0.0
+
+
+@pytest.mark.parametrize("metric,target", [("macs", 0.5), ("params", 0.4), ("macs", "20M")])
+def test_budget_hits_target_on_the_real_network(metric, target):
+    model = models.create("resnet_20")
+    scores = l1_scores(model)
+    result = find_budget(model, scores, target=target, metric=metric)
+    base = flops.count(model)
+    goal = parse_target(target)
+    goal = goal * (base.macs if metric == "macs" else base.params) if goal <= 1 else goal
+    # rebuild the pruned network from the spec found and count it independently
+    plan = make_plan(model, scores, result.spec)
+    real = flops.count(apply_plan(copy.deepcopy(model), plan))
+    achieved = real.macs if metric == "macs" else real.params
+    assert achieved == result.achieved
+    assert abs(achieved - goal) <= 0.01 * goal
+    # and the HRank string round-trips to the same rates
+    text = result.hrank_string()
+    assert text is not None and Spec.from_string(model, text).rates == result.spec.rates
+
+
+class _Tiny(nn.Module):
+    """A model outside the registry: a residual add, a depthwise conv and a flatten into the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+                                nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.fc = nn.Linear(24 * 4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.body(x))
+        return self.fc(self.dw(x).flatten(1))
+
+
+def test_budget_on_a_model_outside_the_registry():
+    torch.manual_seed(0)
+    model = _Tiny()
+    x = torch.zeros(1, 3, 16, 16)
+    result = find_budget(model, l1_scores(model), target=0.6, example_input=x)
+    assert abs(result.achieved - result.target) <= 0.01 * result.target
+    assert result.hrank_string() is None  # no rate-entry order outside the registry
+    assert set(result.spec.rates) <= {"stem.0", "body.0", "dw.0", "dw.3"}
+
+
+def test_unreachable_target_names_the_closest():
+    model = models.create("resnet_20")
+    with pytest.raises(HRankError, match=r"cannot be met .* closest achievable is"):
+        find_budget(model, l1_scores(model), target=0.001)
+    with pytest.raises(HRankError, match="exceeds"):
+        find_budget(model, l1_scores(model), target="900M")
+
+
+def test_parse_target():
+    assert parse_target("62.7M") == pytest.approx(62.7e6)
+    assert parse_target("1.5B") == 1.5e9
+    assert parse_target(0.5) == 0.5
+    for bad in ("abc", "-1", "0"):
+        with pytest.raises(HRankError):
+            parse_target(bad)
