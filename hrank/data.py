@@ -247,30 +247,44 @@ def normalize(images_uint8: torch.Tensor, norm: Normalization, dtype=torch.float
     return x.sub_(mean).div_(std)
 
 
+def draw_augmentation(n: int, generator: torch.Generator, padding: int = 4
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image crop offsets (y, x in [0, 2*padding]) and flip flags, drawn on the CPU from ``generator``."""
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return oy, ox, flip
+
+
+def crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor,
+              padding: int = 4) -> torch.Tensor:
+    """Crop each image at its offsets from a zero-padded copy and flip where asked, on the images' device."""
+    n, c, h, w = images.shape
+    dev = images.device
+    if padding > 0:
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        rows = (oy.to(dev)[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (ox.to(dev)[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        images = padded[torch.arange(n, device=dev)[:, None, None, None],
+                        torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    return torch.where(flip.to(dev)[:, None, None, None], images.flip(3), images)
+
+
 def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
     """Random crop (zero padding ``padding``) and horizontal flip of a batch, on the batch's device.
 
     Random numbers come from a CPU generator, so the result is the same on every device for a seed.
     """
-    n, c, h, w = images.shape
-    if padding > 0:
-        padded = torch.nn.functional.pad(images, (padding,) * 4)
-        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
-        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
-        rows = (oy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
-        batch = torch.arange(n, device=images.device)[:, None, None, None]
-        chan = torch.arange(c, device=images.device)[None, :, None, None]
-        images = padded[batch, chan, rows, cols]
-    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+    return crop_flip(images, *draw_augmentation(images.shape[0], generator, padding), padding)
 
 
 class Batches:
     """Iterate ``(images, labels)`` batches from an ImageSet, augmented and normalized on ``device``.
 
     Deterministic: the order and the augmentation of epoch ``e`` depend only on ``(seed, e)``. With
-    ``world_size > 1`` each rank takes an equal, disjoint shard of every epoch's order (DDP).
+    ``world_size > 1`` each rank takes an equal, disjoint shard of every epoch's order (DDP); an image's
+    crop and flip depend on its position in the global order, not on the rank, so N processes with batch
+    B/N see exactly the global batches one process with batch B sees.
     """
 
     def __init__(self, data: ImageSet, batch_size: int, *, normalization: Normalization | str | dict = "cifar",
@@ -302,19 +316,24 @@ class Batches:
         """Select the epoch whose order and augmentation the next iteration produces."""
         self.epoch = epoch
 
-    def _order(self) -> torch.Tensor:
+    def _positions(self) -> tuple[torch.Tensor, slice]:
+        """The epoch's global order (padded so every rank gets as many) and this rank's slice of it."""
         n = len(self.data)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
-        if self.world_size > 1:
-            per = n // self.world_size if self.drop_last else -(-n // self.world_size)
-            if per * self.world_size > n:  # pad by repeating, as DistributedSampler does
-                order = torch.cat([order, order[: per * self.world_size - n]])
-            order = order[self.rank: per * self.world_size: self.world_size]
-        return order
+        if self.world_size == 1:
+            return order, slice(None)
+        per = n // self.world_size if self.drop_last else -(-n // self.world_size)
+        if per * self.world_size > n:  # pad by repeating, as DistributedSampler does
+            order = torch.cat([order, order[: per * self.world_size - n]])
+        return order, slice(self.rank, per * self.world_size, self.world_size)
+
+    def _order(self) -> torch.Tensor:
+        order, mine = self._positions()
+        return order[mine]
 
     @property
     def num_samples(self) -> int:
@@ -327,17 +346,20 @@ class Batches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._order()
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_777_777 * (self.rank + 1))
+        full, mine = self._positions()
+        order = full[mine]
+        if self.train:  # drawn for the global order, so every rank count gives an image the same crop/flip
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_777_777)
+            oy, ox, flip = (t[mine] for t in draw_augmentation(len(full), g))
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
-            imgs = self.data.images[idx]
+            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            imgs = self.data.images[order[sl].to(self.device)]
             if self.train:
-                imgs = augment(imgs, g)
+                imgs = crop_flip(imgs, oy[sl], ox[sl], flip[sl])
             x = normalize(imgs, self.norm, self.dtype)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.data.labels[idx]
+            yield x, self.data.labels[order[sl].to(self.device)]
 
 
 def imagenet_loader(root: str | os.PathLike, split: str, batch_size: int, *, train: bool,

@@ -34,7 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from hrank import models
-from hrank.data import ImageSet, Normalization, normalize
+from hrank.data import ImageSet, Normalization, crop_flip, draw_augmentation, normalize
 from hrank.errors import HRankError
 from hrank.io import atomic_save_with, require_file
 from hrank.models.base import RankPoint
@@ -529,19 +529,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _crop_flip(images: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, flip: torch.Tensor,
-               padding: int) -> torch.Tensor:
-    """Random-crop (zero padding) and horizontal flip with given per-image offsets, on the images' device."""
-    n, c, h, w = images.shape
-    dev = images.device
-    padded = F.pad(images, (padding,) * 4)
-    rows = (oy.to(dev)[:, None] + torch.arange(h, device=dev))[:, None, :, None]
-    cols = (ox.to(dev)[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-    out = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                 rows, cols]
-    return torch.where(flip.to(dev)[:, None, None, None], out.flip(3), out)
-
-
 def _imageset_batches(data: ImageSet, num_images: int, batch_size: int, *, seed: int, augment: bool,
                       norm: Normalization, device: torch.device, rank: int, world: int
                       ) -> tuple[Iterator[torch.Tensor], int]:
@@ -559,9 +546,7 @@ def _imageset_batches(data: ImageSet, num_images: int, batch_size: int, *, seed:
                          "lower num_images".replace("  ", " "))
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=g)[:num_images]
-    oy = torch.randint(0, 2 * _AUGMENT_PADDING + 1, (num_images,), generator=g)
-    ox = torch.randint(0, 2 * _AUGMENT_PADDING + 1, (num_images,), generator=g)
-    flip = torch.rand(num_images, generator=g) < 0.5
+    oy, ox, flip = draw_augmentation(num_images, g, _AUGMENT_PADDING)
     lo, hi = num_images * rank // world, num_images * (rank + 1) // world
 
     def gen() -> Iterator[torch.Tensor]:
@@ -569,7 +554,7 @@ def _imageset_batches(data: ImageSet, num_images: int, batch_size: int, *, seed:
             sl = slice(start, min(start + batch_size, hi))
             imgs = data.images[order[sl].to(data.images.device)].to(device)
             if augment:
-                imgs = _crop_flip(imgs, oy[sl], ox[sl], flip[sl], _AUGMENT_PADDING)
+                imgs = crop_flip(imgs, oy[sl], ox[sl], flip[sl], _AUGMENT_PADDING)
             yield normalize(imgs, norm)
 
     return gen(), math.ceil((hi - lo) / batch_size)
