@@ -1,0 +1,313 @@
+"""``hrank train``, ``hrank finetune`` and ``hrank eval``: argument parsing; the work is in ``hrank.train``.
+
+All three run under ``torchrun`` unchanged (``torchrun --nproc-per-node 4 -m hrank finetune ...``): each
+process joins the group, only rank 0 writes and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hrank import models, recipes
+from hrank.cli.common import add_data_args, add_device_arg, format_table
+from hrank.data import ImageSet, Normalization, load_batch_files, load_cifar
+from hrank.errors import HRankError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a baseline from scratch",
+                       description="Train a registered architecture from random initialisation (recipe "
+                                   "'scratch' by default), selecting the best epoch on a validation split "
+                                   "carved from the training set; evaluate it on the test set.")
+    p.add_argument("--model", required=True, help=f"architecture ({', '.join(models.names())})")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier width (default: the dataset's)")
+    _add_run_args(p, default_recipe="scratch")
+    p.set_defaults(func=run_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a pruned model (one-shot or layer-wise)",
+                       description="Fine-tune a model saved by hrank (pruned, physical or mask), or a "
+                                   "registry model + checkpoint with an optional --plan applied here: "
+                                   "one-shot, or layer by layer when the recipe says so (recipe 'hrank').")
+    _add_model_source(p)
+    p.add_argument("--plan", default=None, help="plan JSON to apply to the loaded (unpruned) model")
+    p.add_argument("--mode", choices=["physical", "mask"], default="physical",
+                   help="how --plan is applied: physical (remove channels) or mask (HRank's zero masks)")
+    _add_run_args(p, default_recipe="fast")
+    p.set_defaults(func=run_finetune)
+
+    p = sub.add_parser("eval", help="top-1, top-5, loss and per-class accuracy of a model",
+                       description="Evaluate a model on the test set, the training set, the validation "
+                                   "split carved from it, or a CIFAR-format batch file.")
+    _add_model_source(p)
+    p.add_argument("--split", default="test",
+                   help="test, train, val (the seeded split of --val-size images carved from train), or the "
+                        "path of a CIFAR-format batch file (default %(default)s)")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="validation split size for --split val/train (default 5000, or a tenth of smaller "
+                        "training sets)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split (default %(default)s)")
+    p.add_argument("--normalization", default=None,
+                   help="cifar or imagenet (default: what the model file carries, else the arch's)")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default %(default)s)")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    add_data_args(p)
+    add_device_arg(p)
+    p.set_defaults(func=run_eval)
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (one of)")
+    g.add_argument("--model-file", default=None, help="a model saved by hrank (pruned or not), or a training "
+                                                      "run's best.pt/last.pt")
+    g.add_argument("--model", default=None, help="registry architecture, with --checkpoint")
+    g.add_argument("--checkpoint", default=None, help="weights for --model (any state_dict checkpoint)")
+    g.add_argument("--num-classes", type=int, default=None, help="classifier width for --model")
+
+
+def _add_run_args(p: argparse.ArgumentParser, default_recipe: str) -> None:
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model)")
+    p.add_argument("--recipe", default=None, choices=list(recipes.PRESETS),
+                   help=f"preset (default {default_recipe}; or the config file's 'recipe:' key)")
+    p.add_argument("--config", default=None, help="YAML file of recipe keys overriding the preset")
+    g = p.add_argument_group("recipe overrides (each overrides the preset and the config file)")
+    for key in recipes.KEYS:
+        flag = "--" + key.replace("_", "-")
+        kind = recipes.field_type(key)
+        help_text = recipes.field_help(key)
+        if kind == "bool":
+            g.add_argument(flag, dest=f"r_{key}", action=argparse.BooleanOptionalAction, default=None,
+                           help=help_text)
+        elif kind.startswith("tuple"):
+            g.add_argument(flag, dest=f"r_{key}", type=_int_list, default=None, metavar="E1,E2",
+                           help=help_text + " (comma-separated)")
+        else:
+            choices = recipes.field_choices(key)
+            g.add_argument(flag, dest=f"r_{key}", type={"int": int, "float": float}.get(kind, str), default=None,
+                           choices=choices, metavar=None if choices else key.upper(), help=help_text)
+    p.add_argument("--val-size", type=int, default=None,
+                   help="images carved from the training set for model selection (default 5000, or a tenth "
+                        "of smaller training sets; 0 needs --select-on-test)")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on a seeded subset of N images of the training split (quick experiments)")
+    p.add_argument("--select-on-test", action="store_true",
+                   help="select the best epoch on the TEST set, as the official code did (biased; announced "
+                        "in the output)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the split, data order, augmentation and init")
+    p.add_argument("--normalization", default=None,
+                   help="cifar or imagenet (default: what the model file carries, else the arch's)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--force", action="store_true", help="delete an existing --out and start over")
+    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                   help="stop after this epoch as if interrupted (continue later with --resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines remain)")
+    add_data_args(p)
+    add_device_arg(p)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _recipe(args: argparse.Namespace, default: str) -> recipes.Recipe:
+    overrides = {k: getattr(args, f"r_{k}") for k in recipes.KEYS if getattr(args, f"r_{k}") is not None}
+    return recipes.resolve(args.recipe, args.config, overrides, default=default)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def _load_data(args: argparse.Namespace) -> tuple[ImageSet, ImageSet]:
+    if args.dataset == "imagenet":
+        raise HRankError("hrank train/finetune/eval read CIFAR-10/100 here; for ImageNet call hrank.train.fit "
+                         "from Python with your own loader")
+    download = not args.no_download
+    return (load_cifar(args.data_dir, args.dataset, "train", download=download),
+            load_cifar(args.data_dir, args.dataset, "test", download=download))
+
+
+def _prepare_out(args: argparse.Namespace, is_main: bool) -> Path:
+    out = Path(args.out)
+    if args.resume and args.force:
+        raise HRankError("--resume and --force contradict each other (continue the run, or delete it)")
+    if out.exists() and not out.is_dir():
+        raise HRankError(f"--out {out} is a file, expected a directory")
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        if not args.force:
+            raise HRankError(f"output directory {out} already exists and is not empty (use --resume to continue "
+                             "the run in it or --force to start over)")
+        if is_main:
+            from hrank.io import prepare_output
+            prepare_output(out, force=True, is_dir=True)
+    return out
+
+
+def load_model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model named by --model-file, or --model + --checkpoint; returns (model, info)."""
+    from hrank.train import load_model_file
+
+    if args.model_file and (args.model or args.checkpoint):
+        raise HRankError("give either --model-file or --model with --checkpoint, not both")
+    if args.model_file:
+        return load_model_file(args.model_file)
+    if not args.model:
+        raise HRankError("no model: give --model-file, or --model with --checkpoint")
+    if not args.checkpoint:
+        raise HRankError(f"--model {args.model} needs --checkpoint (to train from scratch use hrank train)")
+    spec = models.get_spec(args.model)
+    model = models.create(args.model, num_classes=args.num_classes)
+    models.load_checkpoint(model, args.checkpoint)
+    return model, {"arch": args.model, "normalization": None, "plan": None, "mode": None,
+                   "default_normalization": spec.normalization, "source": str(args.checkpoint)}
+
+
+def _normalization(args: argparse.Namespace, info: dict[str, Any]) -> Normalization:
+    if args.normalization:
+        return Normalization.get(args.normalization)
+    if info.get("normalization"):
+        return Normalization.get(info["normalization"])
+    return Normalization.get(info.get("default_normalization") or "cifar")
+
+
+def _check_classes(model: torch.nn.Module, data: ImageSet) -> None:
+    out = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if out and out[-1].out_features != data.num_classes:
+        raise HRankError(f"the model has {out[-1].out_features} outputs but {data.name} has {data.num_classes} "
+                         "classes")
+
+
+def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.Recipe,
+             normalization: Normalization, run_info: dict[str, Any], *, plan: Any = None,
+             mode: str = "physical") -> int:
+    from hrank import train
+
+    dist, device = train.init_distributed(args.device)
+    try:
+        out = _prepare_out(args, dist.is_main)
+        train_all, test = _load_data(args)
+        _check_classes(model, train_all)
+        tr, va = train.split_train_val(train_all, args.val_size, args.seed)
+        if args.train_subset is not None:
+            if not 0 < args.train_subset <= len(tr):
+                raise HRankError(f"--train-subset must be in 1..{len(tr)}, got {args.train_subset}")
+            pick = np.sort(np.random.default_rng(args.seed).permutation(len(tr))[: args.train_subset])
+            tr = tr.subset(pick, f"{tr.name}[{args.train_subset}]")
+            run_info = {**run_info, "train_subset": args.train_subset}
+        model.to(device)
+        tb = train.make_train_batches(tr, recipe, normalization=normalization, device=device, seed=args.seed,
+                                      dist=dist)
+        vb = train.make_eval_batches(va, normalization=normalization, device=device) if va is not None else None
+        teb = train.make_eval_batches(test, normalization=normalization, device=device)
+        run_info = {**run_info, "dataset": args.dataset, "seed": args.seed, "normalization": normalization.name}
+        kwargs = dict(out_dir=out, resume=args.resume, overwrite=args.force, test_batches=teb,
+                      select_on_test=args.select_on_test, run_info=run_info, stop_after_epoch=args.stop_after,
+                      progress=not args.no_progress)
+        if recipe.layerwise:
+            if plan is None:
+                raise HRankError("layer-wise fine-tuning prunes step by step and needs the unpruned model and a "
+                                 "plan: pass --plan (or use a one-shot recipe, e.g. --no-layerwise)")
+            from hrank.layerwise import fit_layerwise
+
+            fit_layerwise(model, plan, tb, vb, recipe, mode=mode, **kwargs)
+        else:
+            train.fit(model, tb, vb, recipe, **kwargs)
+        return 0
+    finally:
+        if dist.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    recipe = _recipe(args, "scratch")
+    spec = models.get_spec(args.model)
+    num_classes = args.num_classes or {"cifar10": 10, "cifar100": 100}.get(args.dataset)
+    torch.manual_seed(args.seed)  # the same initial weights on every process and on every rerun
+    model = models.create(args.model, num_classes=num_classes)
+    norm = Normalization.get(args.normalization or spec.normalization)
+    return _run_fit(args, model, recipe, norm, {"task": "train", "model": args.model})
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    recipe = _recipe(args, "fast")
+    model, info = load_model_source(args)
+    norm = _normalization(args, info)
+    plan = None
+    if args.plan:
+        from hrank.plan import Plan
+
+        if info.get("plan") is not None:
+            raise HRankError(f"{args.model_file} is already pruned; --plan applies to an unpruned model")
+        plan = Plan.load(args.plan)
+        if not recipe.layerwise:
+            from hrank.prune import apply_plan
+
+            model = apply_plan(model, plan, mode=args.mode)
+            plan = None
+    elif recipe.layerwise:
+        raise HRankError(f"recipe {recipe.name!r} is layer-wise: it needs the unpruned model and --plan (a pruned "
+                         "model file cannot be pruned step by step); or pass --no-layerwise")
+    return _run_fit(args, model, recipe, norm, {"task": "finetune"}, plan=plan, mode=args.mode)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from hrank import train
+    from hrank.cli.common import resolve_device
+
+    model, info = load_model_source(args)
+    norm = _normalization(args, info)
+    device = resolve_device(args.device)
+    if args.batch_size < 1:
+        raise HRankError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.split in ("test", "train", "val"):
+        if args.split == "test":
+            data = load_cifar(args.data_dir, args.dataset, "test", download=not args.no_download)
+        else:
+            full = load_cifar(args.data_dir, args.dataset, "train", download=not args.no_download)
+            rest, val = train.split_train_val(full, args.val_size, args.seed)
+            data = val if args.split == "val" else rest
+            if data is None:
+                raise HRankError("--split val with --val-size 0 is empty")
+        what = f"{args.dataset} {args.split}" + (f" (seed {args.seed})" if args.split != "test" else "")
+    else:
+        path = Path(args.split)
+        if not path.is_file():
+            raise HRankError(f"--split must be test, train, val or a CIFAR batch file; {args.split!r} is none")
+        num_classes = {"cifar10": 10, "cifar100": 100}.get(args.dataset, 10)
+        key = b"fine_labels" if args.dataset == "cifar100" else b"labels"
+        data = load_batch_files([path], num_classes, label_key=key, meta=_meta_file(args), name=path.name,
+                                names_key=b"fine_label_names" if args.dataset == "cifar100" else b"label_names")
+        what = str(path)
+    _check_classes(model, data)
+    model.to(device)
+    batches = train.make_eval_batches(data, normalization=norm, device=device, batch_size=args.batch_size)
+    m = train.evaluate(model, batches)
+    print(f"{what}: {m['count']} images, normalization {norm.name}")
+    print(f"top-1 {m['top1']:.2f}%   top-5 {m['top5']:.2f}%   loss {m['loss']:.4f}")
+    rows = [[name, "-" if acc is None else f"{acc:.2f}"] for name, acc in zip(data.classes, m["per_class"],
+                                                                              strict=True)]
+    print(format_table(["class", "top-1 %"], rows, align="lr"))
+    if args.json:
+        from hrank.io import atomic_write_json
+
+        atomic_write_json(args.json, {"split": what, "normalization": norm.to_json(),
+                                      "classes": data.classes, **m})
+    return 0
+
+
+def _meta_file(args: argparse.Namespace) -> Path | None:
+    """The dataset folder's meta file (class names) for a loose batch file, when present."""
+    from hrank.data import SOURCES
+
+    src = SOURCES.get(args.dataset)
+    if src is None:
+        return None
+    for folder in (Path(args.data_dir) / src.folder, Path(args.data_dir)):
+        if (folder / src.meta_file).exists():
+            return folder / src.meta_file
+    return None

@@ -1,0 +1,95 @@
+"""DDP through torchrun: 2 CPU processes (gloo) end with the same weights as 1 process at the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent('''
+    import sys
+    import warnings
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+
+    from hrank import recipes, train
+    from hrank.data import load_cifar
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    data_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    dist, device = train.init_distributed("cpu")
+
+
+    class Net(nn.Module):
+        # no BatchNorm: per-process BN statistics are the one thing DDP does not make equal (sync_bn is CUDA-only)
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+
+    torch.manual_seed(0)
+    model = Net()
+    full = load_cifar(data_dir, "cifar10", "train", download=False)
+    test = load_cifar(data_dir, "cifar10", "test", download=False)
+    tr, va = train.split_train_val(full, 16, 0)
+    recipe = recipes.resolve("fast", overrides={"epochs": 2, "batch_size": 16, "lr": 0.2, "lr_ref_batch": 0})
+    # with augmentation: crops and flips follow an image's place in the global order, not the process
+    tb = train.make_train_batches(tr, recipe, normalization="cifar", device=device, seed=0)
+    assert tb.train
+    vb = train.make_eval_batches(va, normalization="cifar", device=device, batch_size=5)
+    teb = train.make_eval_batches(test, normalization="cifar", device=device, batch_size=7)
+    res = train.fit(model, tb, vb, recipe, out_dir=out, test_batches=teb, progress=False)
+    torch.save(model.state_dict(), out / f"final_rank{dist.rank}.pt")
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+''')
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for key in ("WORLD_SIZE", "LOCAL_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path: Path, tiny_cifar: Path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    _run([sys.executable, str(script), str(tiny_cifar), str(tmp_path / "one")], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+          str(tiny_cifar), str(tmp_path / "two")], tmp_path)
+
+    one = torch.load(tmp_path / "one" / "final_rank0.pt")
+    two = [torch.load(tmp_path / "two" / f"final_rank{r}.pt") for r in (0, 1)]
+    for key in one:
+        assert torch.equal(two[0][key], two[1][key]), key  # DDP keeps the processes identical
+        assert torch.allclose(one[key], two[0][key], atol=1e-6, rtol=1e-5), key  # = one process, up to float order
+
+    rows = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("one", "two")}
+    assert [r["epoch"] for r in rows["two"]] == [1, 2]  # written once, by rank 0
+    for a, b in zip(rows["one"], rows["two"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["train_top1"] == b["train_top1"] and a["val_top1"] == b["val_top1"]  # all-reduced counts
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    s1, s2 = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two"))
+    assert s1["test"]["count"] == s2["test"]["count"] == 32  # shards cover every test image once
+    assert s1["test"]["top1"] == s2["test"]["top1"] and s1["best_epoch"] == s2["best_epoch"]
+    ckpt = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2  # every process's RNG state is saved
