@@ -22,7 +22,7 @@ from torch import nn
 from hrank import __version__, models
 from hrank.data import Normalization
 from hrank.errors import HRankError
-from hrank.io import atomic_torch_save, require_file
+from hrank.io import atomic_torch_save, load_torch_file
 
 __all__ = ["save", "load", "model_record", "build_from_record", "read_record", "FORMAT"]
 
@@ -118,12 +118,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, plan: Any = None, arch: s
 
 def read_record(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(record, state_dict) of a file written by :func:`save`, read with ``weights_only=True``."""
-    path = require_file(path, "model file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise HRankError(f"cannot read model file {path}: {first}") from None
+    obj = load_torch_file(path, "model file")
     if not isinstance(obj, dict) or obj.get("format") != FORMAT or "hrank_record" not in obj:
         raise HRankError(f"{path} is not a model saved by hrank.save (use hrank.models.load_checkpoint for plain "
                          f"state_dicts)")
@@ -135,6 +130,35 @@ def read_record(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
     if not isinstance(state, dict):
         raise HRankError(f"{path}: no state_dict")
     return record, state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load an *unpruned* model's weights from any checkpoint hrank reads; return what it says about them.
+
+    Accepts a plain state_dict checkpoint (see :func:`hrank.models.load_checkpoint`), a file written by
+    :func:`save`, or a training checkpoint (``last.pt``/``best.pt``). A pruned model is refused: pruning
+    starts from the unpruned network. Returns ``{"normalization": dict or None}``.
+    """
+    from hrank import models
+
+    obj = load_torch_file(path, "checkpoint")
+    record: dict | None = None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:  # written by hrank.save
+        try:
+            record = json.loads(obj.get("hrank_record") or "{}")
+        except (TypeError, ValueError):
+            raise HRankError(f"{path}: corrupt metadata") from None
+        obj = {"state_dict": obj.get("state_dict")}
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "record" in obj["model"]:
+        record = obj["model"]["record"]  # a training checkpoint: {"record": ..., "state_dict": ...}
+        obj = {"state_dict": obj["model"].get("state_dict")}
+    if record is not None and record.get("plan") is not None:
+        raise HRankError(f"{path} holds an already pruned model; start from the unpruned checkpoint")
+    extra = models.load_checkpoint(model, obj)
+    norm = extra.get("normalization")
+    if norm is None and record is not None:
+        norm = record.get("normalization")
+    return {"normalization": norm if isinstance(norm, dict) else None}
 
 
 def load(path: str | os.PathLike, *, builder: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, dict]:

@@ -96,3 +96,38 @@ def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     if path.is_dir():
         raise HRankError(f"{what} is a directory, expected a file: {path}")
     return path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def load_torch_file(path: str | os.PathLike, what: str = "file") -> Any:
+    """``torch.load`` with ``weights_only=True`` (never runs code from the file); problems are one line."""
+    path = require_file(path, what)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, not a torch file, or pickled code
+        raise HRankError(f"cannot read {what} {path}: {_first_line(e)}") from None
+
+
+def load_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> tuple[dict, str]:
+    """A YAML (or JSON) file holding a mapping, and its text; parse errors give the line and column."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise HRankError(f"{what} not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise HRankError(f"cannot parse {what} {path}{at}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise HRankError(f"{what} {path} must hold a mapping, got {type(data).__name__}")
+    return data, text

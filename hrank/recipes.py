@@ -21,10 +21,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from hrank.errors import HRankError
+from hrank.io import load_yaml_mapping
 
 SCHEDULES = ("multistep", "cosine", "linear")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -192,21 +192,7 @@ def apply_overrides(recipe: Recipe, values: dict[str, Any], source: str = "") ->
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML (or JSON) mapping of recipe keys; an optional ``recipe:`` key names the base preset."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise HRankError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise HRankError(f"cannot parse config {path}{at}: {getattr(e, 'problem', None) or e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise HRankError(f"config {path} must be a mapping of recipe keys, got {type(data).__name__}")
+    data, _ = load_yaml_mapping(path, "config file")
     return data
 
 

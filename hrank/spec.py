@@ -16,18 +16,17 @@ are not pruned and do not vote when a coupled group's width is chosen (see :mod:
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from hrank import models
 from hrank.errors import HRankError
+from hrank.io import load_yaml_mapping
 
 __all__ = ["parse_rates", "parse_mapping_string", "Spec", "num_pruned", "OFFICIAL_COUNTER_ENTRY_REMAP"]
 
@@ -210,23 +209,7 @@ def _check_rate(rate: Any, conv: str, channels: int, where: str) -> float:
 
 
 def _load_rates_file(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise HRankError(f"rates file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HRankError(f"cannot parse rates file {path}: {first[:200]}") from None
-    if not isinstance(data, dict):
-        raise HRankError(f"rates file {path} must hold a mapping (PATTERN: RATE, or compress_rate:/rates: keys)")
-    return data
+    return load_yaml_mapping(path, "rates file")[0]  # YAML is a superset of JSON
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from hrank import models
 from hrank.checkpoint import build_from_record, load, model_record, save
 from hrank.data import Batches, ImageSet, Normalization
 from hrank.errors import HRankError
-from hrank.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from hrank.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_file
 from hrank.prune import enforce_masks
 from hrank.recipes import Recipe
 
@@ -339,14 +339,7 @@ def _tuplify(x: Any) -> Any:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a training checkpoint (``last.pt``/``best.pt``) safely (``weights_only``); one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise HRankError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise HRankError(f"cannot read checkpoint {path}: {first[:200]}") from None
+    ckpt = load_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise HRankError(f"{path} is not an hrank training checkpoint")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
@@ -790,14 +783,7 @@ def load_model_file(path: str | os.PathLike, *, builder: Callable[[], nn.Module]
     weights loaded strictly) and what the file says about it: ``arch``, ``normalization``, ``plan``,
     ``mode``. Nothing but tensors and plain data is unpickled.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HRankError(f"model file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise HRankError(f"cannot read model file {path}: {first[:200]}") from None
+    obj = load_torch_file(path, "model file")
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         state = obj.get("model")
         if not isinstance(state, dict) or "record" not in state or "state_dict" not in state:

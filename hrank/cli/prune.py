@@ -77,34 +77,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------------------------------------
 
-def _load_weights(model: nn.Module, path: str) -> dict[str, Any]:
-    """Load an unpruned checkpoint strictly; return the normalization it records (if any)."""
-    import json
-
-    from hrank.checkpoint import FORMAT
-
-    if not Path(path).is_file():
-        raise HRankError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise HRankError(f"cannot read checkpoint {path}: {first}") from None
-    record: dict | None = None
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:  # written by hrank.save
-        record = json.loads(obj.get("hrank_record") or "{}")
-        obj = {"state_dict": obj.get("state_dict")}
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # a training checkpoint's model record
-        record = obj["model"]
-    if record is not None and record.get("plan") is not None:
-        raise HRankError(f"{path} holds an already pruned model; prune the unpruned checkpoint")
-    extra = models.load_checkpoint(model, obj)
-    norm = extra.get("normalization") if isinstance(obj, dict) else None
-    if norm is None and record is not None:
-        norm = record.get("normalization")
-    return {"normalization": norm if isinstance(norm, dict) else None}
-
-
 def _load_scores(args: argparse.Namespace, model: nn.Module) -> Any:
     if args.criterion != "hrank":
         from hrank.criteria import weight_scores
@@ -189,6 +161,7 @@ def _mb(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hrank.checkpoint import load_weights
     from hrank.plan import Plan, make_plan
     from hrank.prune import apply_plan, hrank_rule_counts, recalibrate_bn, save
     from hrank.spec import Spec
@@ -209,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     model = models.create(args.model, num_classes=args.num_classes)
     ckpt_info: dict[str, Any] = {"normalization": None}
     if args.checkpoint:
-        ckpt_info = _load_weights(model, args.checkpoint)
+        ckpt_info = load_weights(model, args.checkpoint)
     norm = Normalization.get(args.normalization or ckpt_info["normalization"] or arch_spec.normalization)
 
     if args.plan:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from hrank.errors import HRankError
+from hrank.io import load_torch_file
 from hrank.models import densenet, googlenet, resnet_cifar, resnet_imagenet, vgg
 from hrank.models.base import ArchSpec, ChannelPadShortcut, RankPoint
 
@@ -135,19 +135,6 @@ def _rename_classifier(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dic
     return sd
 
 
-def _read(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise HRankError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise HRankError(f"checkpoint is a directory, expected a file: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, not a torch file, or pickled code
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HRankError(f"cannot read checkpoint {path}: {first[:200]}") from None
-
-
 def load_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | dict) -> dict[str, Any]:
     """Load weights into ``model`` strictly; return the checkpoint's other top-level entries.
 
@@ -155,7 +142,7 @@ def load_checkpoint(model: nn.Module, path_or_state: str | os.PathLike | dict) -
     ``module.`` prefixes (DataParallel), and ``linear``/``fc`` classifier names. Files are read with
     ``weights_only=True``: loading never runs code from the file.
     """
-    obj = path_or_state if isinstance(path_or_state, dict) else _read(path_or_state)
+    obj = path_or_state if isinstance(path_or_state, dict) else load_torch_file(path_or_state, "checkpoint")
     sd = extract_state_dict(obj)
     own = model.state_dict()
     sd = _rename_classifier(sd, set(own))
