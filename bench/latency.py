@@ -8,9 +8,9 @@ the MAC reduction.
 The three models are timed interleaved (one run of each per round, eval mode, ``inference_mode``, CUDA
 synchronised), so a load change on a shared machine hits all three alike; the median over rounds is shown.
 
-By default the pruned model uses one uniform rate on every conv (residual streams included), the largest
-that keeps at least ``--target`` of the dense MACs; ``--compress-rate`` uses an HRank string instead (e.g.
-the official one, about 27% of the MACs with the mean width rule). Weights are random unless
+By default the pruned model's rates come from ``hrank.budget.find_budget`` (nearly uniform rates on every
+conv, residual streams included, keeping ``--target`` of the dense MACs); ``--compress-rate`` uses an HRank
+string instead (e.g. the official one, about 27% of the MACs with the mean width rule). Weights are random unless
 ``--checkpoint`` is given: latency does not depend on their values. Filter scores are seeded random (which
 channels survive does not change the cost).
 
@@ -24,69 +24,20 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import sys
-import time
 
-import numpy as np
 import torch
-from torch import nn
 
 from hrank import flops, models
+from hrank.budget import find_budget
+from hrank.criteria import random_scores
 from hrank.plan import make_plan
+from hrank.profile import compare_latency
 from hrank.prune import apply_plan
 from hrank.spec import Spec
 
 ARCH = "resnet_56"
 INPUT = (3, 32, 32)
-
-
-def random_scores(model: nn.Module, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {n: rng.random(m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-
-
-def uniform_plan(model: nn.Module, target: float):
-    """The plan with the largest uniform rate (step 0.01) whose physical MACs stay >= target * dense MACs."""
-    dense = flops.count(model, INPUT).macs
-    scores = random_scores(model)
-    groups = None
-    best = None
-    for step in range(0, 100):
-        rate = step / 100
-        spec = Spec.from_string(model, f"[{rate}]*{len(models.rate_entries(model))}")
-        plan = make_plan(model, scores, spec, criterion="random", groups=groups)
-        macs = flops.count(apply_plan(copy.deepcopy(model), plan), INPUT).macs
-        if macs < target * dense:
-            break
-        best = (plan, rate)
-    return best
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def interleaved_latency(named: dict[str, nn.Module], batch: int, device: str, warmup: int,
-                        repeats: int, channels_last: bool = False) -> dict[str, list[float]]:
-    """Milliseconds per forward for each model, timed round-robin (one run of each model per round)."""
-    x = torch.randn(batch, *INPUT, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    times: dict[str, list[float]] = {name: [] for name in named}
-    with torch.inference_mode():
-        for model in named.values():
-            for _ in range(warmup):
-                model(x)
-        _sync(device)
-        for _ in range(repeats):
-            for name, model in named.items():
-                t0 = time.perf_counter()
-                model(x)
-                _sync(device)
-                times[name].append((time.perf_counter() - t0) * 1000.0)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     dense = models.create(ARCH).eval()
     if args.checkpoint:
         models.load_checkpoint(dense, args.checkpoint)
+    scores = random_scores(dense)  # which channels survive does not change the cost
     if args.compress_rate:
         spec = Spec.from_string(dense, args.compress_rate)
-        plan = make_plan(dense, random_scores(dense), spec, criterion="random")
         label = "HRank string"
     else:
-        plan, rate = uniform_plan(dense, args.target)
-        label = f"uniform rate {rate:.2f}"
+        spec = find_budget(dense, scores, target=args.target).spec
+        label = f"rates found for {args.target:.0%} of the MACs"
+    plan = make_plan(dense, scores, spec, criterion="random")
     pruned = apply_plan(copy.deepcopy(dense), plan).eval()
     masked = apply_plan(copy.deepcopy(dense), plan, mode="mask").eval()
     macs = {name: flops.count(m, INPUT).macs for name, m in (("dense", dense), ("physical", pruned),
@@ -136,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         for m in named.values():
             m.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
         for batch in args.batches:
-            times = interleaved_latency(named, batch, device, args.warmup, args.repeats, args.channels_last)
-            base = statistics.median(times["dense"])
-            for name, ts in times.items():
-                median = statistics.median(ts)
-                q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) >= 2 else [median] * 9
+            # interleaved rounds: a load change on a shared machine hits all three models alike
+            lat = compare_latency(named, INPUT, batch, device=device, rounds=args.repeats, repeats=1,
+                                  warmup=args.warmup, channels_last=args.channels_last)
+            base = lat["dense"].median_ms
+            for name, stats in lat.items():
                 reduction = macs["dense"] / macs[name]
-                speedup = base / median
+                speedup = base / stats.median_ms
                 print(f"{device:6} {batch:>5} {name:9} {flops.format_count(macs[name]):>8} {reduction:>7.2f}x "
-                      f"{median:>10.2f} {q[0]:>7.2f}-{q[-1]:<7.2f} {speedup:>7.2f}x "
+                      f"{stats.median_ms:>10.2f} {stats.p10_ms:>7.2f}-{stats.p90_ms:<7.2f} {speedup:>7.2f}x "
                       f"{100 * speedup / reduction:>10.0f}%")
         for m in named.values():
             m.to("cpu")

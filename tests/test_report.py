@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hrank import models
-from hrank.profile import measure_latency, state_dict_bytes
+from hrank.profile import compare_latency, measure_latency, state_dict_bytes
 from hrank.report import markdown_table, write_report
 
 
@@ -65,3 +65,19 @@ def test_latency_and_size():
     n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert n_bytes < size < n_bytes + 200_000
     assert torch.is_grad_enabled()
+
+
+def test_compare_latency_alternates_and_pools_samples():
+    big, small = models.create("resnet_20"), models.create("resnet_20")
+    calls: list[str] = []
+    for name, m in (("big", big), ("small", small)):
+        m.register_forward_pre_hook(lambda mod, inp, name=name: calls.append(name))
+    out = compare_latency({"big": big, "small": small}, (3, 32, 32), 2, device="cpu", rounds=2, repeats=2,
+                          warmup=1)
+    assert set(out) == {"big", "small"}
+    assert all(lat.repeats == 4 and len(lat.samples_ms) == 4 for lat in out.values())
+    # percentiles stay inside the measured range (no extrapolation below the fastest run)
+    assert all(min(lat.samples_ms) <= lat.p10_ms <= lat.median_ms <= lat.p90_ms <= max(lat.samples_ms)
+               for lat in out.values())
+    # alternation: each round runs one model's warm-up + repeats, then the other's
+    assert calls == (["big"] * 3 + ["small"] * 3) * 2
