@@ -8,8 +8,8 @@ the MAC reduction.
 The three models are timed interleaved (one run of each per round, eval mode, ``inference_mode``, CUDA
 synchronised), so a load change on a shared machine hits all three alike; the median over rounds is shown.
 
-By default the pruned model's rates come from ``hrank.budget.find_budget`` (nearly uniform rates on every
-conv, residual streams included, keeping ``--target`` of the dense MACs); ``--compress-rate`` uses an HRank
+By default the pruned model's rates come from ``hrank.budget.find_budget`` (keeping ``--target`` of the dense
+MACs, in the library's default order unless ``--budget-order`` says otherwise); ``--compress-rate`` uses an HRank
 string instead (e.g. the official one, about 27% of the MACs with the mean width rule). Weights are random unless
 ``--checkpoint`` is given: latency does not depend on their values. Filter scores are seeded random (which
 channels survive does not change the cost).
@@ -43,7 +43,8 @@ INPUT = (3, 32, 32)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", type=float, default=0.5, help="fraction of dense MACs to keep (default 0.5)")
-    ap.add_argument("--compress-rate", default=None, help="HRank string instead of a uniform rate")
+    ap.add_argument("--compress-rate", default=None, help="HRank string instead of a budget search")
+    ap.add_argument("--budget-order", default=None, help="hrank.budget order (default: the library's)")
     ap.add_argument("--checkpoint", default=None, help="ResNet-56 weights (default: random)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 128], help="batch sizes (default 1 128)")
     ap.add_argument("--repeats", type=int, default=15, help="timed runs per measurement (default 15)")
@@ -64,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = Spec.from_string(dense, args.compress_rate)
         label = "HRank string"
     else:
-        spec = find_budget(dense, scores, target=args.target).spec
-        label = f"rates found for {args.target:.0%} of the MACs"
+        extra = {"order": args.budget_order} if args.budget_order else {}
+        spec = find_budget(dense, scores, target=args.target, **extra).spec
+        label = f"rates found for {args.target:.0%} of the MACs, order {args.budget_order or 'default'}"
     plan = make_plan(dense, scores, spec, criterion="random")
     pruned = apply_plan(copy.deepcopy(dense), plan).eval()
     masked = apply_plan(copy.deepcopy(dense), plan, mode="mask").eval()

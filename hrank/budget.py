@@ -1,9 +1,8 @@
 """Budgets: find per-layer rates that hit a MACs or params target on the *real* pruned network.
 
-HRank's rates are set by hand. Here a target (e.g. keep 50% of the MACs) is turned into rates: every
-prunable coupled group gives up filters in the order of the smallest resulting rate first (ties: module
-order), so rates stay as uniform as the channel counts allow while the budget moves one filter at a time.
-The number of filters removed is found by bisection over an exact cost model read off the dependency graph
+HRank's rates are set by hand. Here a target (e.g. keep 50% of the MACs) is turned into rates: the
+prunable coupled groups give up filters one at a time in a fixed order (see ``ORDERS``), and the number
+of filters removed is found by bisection over an exact cost model read off the dependency graph
 (removing k channels of a group removes k output channels of its members and k input channels, or k x
 positions features, of every consumer), and the answer is confirmed by physically pruning a copy and
 counting it with :func:`hrank.flops.count`. The result is a :class:`hrank.spec.Spec`, printable in HRank's
@@ -16,6 +15,7 @@ import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +29,16 @@ from hrank.prune import apply_plan
 from hrank.spec import Spec, num_pruned
 
 TOLERANCE = 0.01
+
+# The order in which groups give up filters as the budget tightens (ties: module order).
+#   uniform: smallest resulting rate first: every group ends near the same rate.
+#   coupled: a group's rate is weighed by its member count, so a residual stream or concatenation whose
+#            channels feed many convs is pruned that many times more slowly than a single conv. This keeps
+#            the shared streams wide, as HRank's hand-made strings do, and keeps far more accuracy before
+#            fine-tuning (ResNet-56 at 50% MACs, BN recalibrated: 58.4% vs 39.6% uniform; docs/pruning.md).
+#   score:   globally by each group's per-channel score relative to the group's best channel.
+ORDERS = ("coupled", "uniform", "score")
+ORDER_DEFAULT = "coupled"
 
 
 @dataclass
@@ -166,10 +176,56 @@ class _CostModel:
         return macs, params
 
 
+def _search(groups: Sequence[Group], raw: Mapping[str, Any], limits: Sequence[int], order: str,
+            value: Callable[[list[int]], float], goal: float, tolerance: float) -> tuple[list[int], float]:
+    """Channels to remove per group, closest to ``goal`` when groups give them up in ``order``."""
+    events: list[tuple[float, int]] = []
+    for gi, (g, limit) in enumerate(zip(groups, limits, strict=True)):
+        if order == "uniform":
+            keys = [(k + 1) / g.channels for k in range(limit)]
+        elif order == "coupled":  # a group whose channels feed n convs gives them up n times more slowly
+            keys = [(k + 1) / g.channels * len(g.members) for k in range(limit)]
+        else:  # "score": globally by the group's per-channel score, relative to the group's best
+            member_scores = [np.asarray(raw[m], dtype=float) for m in g.members if m in raw]
+            s = np.sort(np.mean(member_scores, axis=0))
+            s = s / s[-1] if s[-1] > 0 else s
+            keys = [float(s[k]) for k in range(limit)]
+        events += [(key, gi) for key in keys]
+    events.sort()
+
+    def counts_after(n_events: int) -> list[int]:
+        counts = [0] * len(groups)
+        for _, gi in events[:n_events]:
+            counts[gi] += 1
+        return counts
+
+    lo, hi = 0, len(events)
+    while hi - lo > 1:  # invariant: value(lo) > goal >= value(hi) (or hi is the last event)
+        mid = (lo + hi) // 2
+        if value(counts_after(mid)) > goal:
+            lo = mid
+        else:
+            hi = mid
+    best = min((counts_after(lo), counts_after(hi)), key=lambda c: abs(value(c) - goal))
+    if abs(value(best) - goal) > tolerance * goal:
+        # The step at the crossing is too coarse (a group whose channels cost much): from just above the
+        # goal, go on in the same order but skip any single removal that would undershoot the window.
+        counts = counts_after(lo)
+        for _, gi in events[lo:]:
+            counts[gi] += 1
+            now = value(counts)
+            if now < goal * (1 - tolerance):
+                counts[gi] -= 1
+            elif now <= goal * (1 + tolerance):
+                break
+        best = min((best, counts), key=lambda c: abs(value(c) - goal))
+    return best, value(best)
+
+
 def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, target: float | str,
                 metric: str = "macs", input_size: tuple[int, ...] | None = None,
                 example_input: torch.Tensor | None = None, convs: Sequence[str] | None = None,
-                max_rate: float = 0.9, tolerance: float = TOLERANCE,
+                max_rate: float = 0.9, tolerance: float = TOLERANCE, order: str = ORDER_DEFAULT,
                 progress: Callable[[str], None] | None = None) -> BudgetResult:
     """Rates whose physically pruned network has ``target`` MACs (or params), within ``tolerance``.
 
@@ -177,8 +233,11 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
     ``scores`` (a Ranks or a conv -> scores mapping) decide which filters go inside each group; only
     groups with a scored member among ``convs`` (default: the official prunable convs for registry
     models, every scored conv otherwise) are pruned, each by at most ``max_rate`` of its channels.
+    ``order`` is the sequence in which groups give up channels while the search tightens (see ``ORDERS``).
     A target that cannot be met is a one-line error naming the closest achievable count.
     """
+    if order not in ORDERS:
+        raise HRankError(f"unknown budget order {order!r}; choose {', '.join(ORDERS)}")
     if metric not in ("macs", "params"):
         raise HRankError(f"unknown budget metric {metric!r}; choose macs or params")
     if not 0 < max_rate < 1:
@@ -213,40 +272,24 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
         raise HRankError("no prunable layers with scores: nothing to search over")
     cost = _CostModel(model, graph, prunable, input_size)
     which = 0 if metric == "macs" else 1
-    events: list[tuple[float, int]] = []
-    for gi, g in enumerate(prunable):
-        limit = min(g.channels - 1, math.floor(max_rate * g.channels))
-        events += [((k + 1) / g.channels, gi) for k in range(limit)]
-    events.sort()
-
-    def counts_after(n_events: int) -> list[int]:
-        counts = [0] * len(prunable)
-        for _, gi in events[:n_events]:
-            counts[gi] += 1
-        return counts
-
-    def value(n_events: int) -> float:
-        return float(cost(counts_after(n_events))[which])
-
-    lo, hi = 0, len(events)
-    if value(hi) > goal * (1 + tolerance):
-        best = value(hi)
+    limits = [min(g.channels - 1, math.floor(max_rate * g.channels)) for g in prunable]
+    floor = float(cost(limits)[which])
+    if floor > goal * (1 + tolerance):
         raise HRankError(f"target {flops.format_count(goal)} {metric} cannot be met with max_rate {max_rate:g}; "
-                         f"the closest achievable is {flops.format_count(best)} "
-                         f"({best / baseline:.1%} of {flops.format_count(baseline)})")
-    while hi - lo > 1:  # invariant: value(lo) > goal >= value(hi) (or hi is the last event)
-        mid = (lo + hi) // 2
-        if value(mid) > goal:
-            lo = mid
-        else:
-            hi = mid
-    n_events = min((lo, hi), key=lambda n: abs(value(n) - goal))
-    counts = counts_after(n_events)
-    predicted = value(n_events)
+                         f"the closest achievable is {flops.format_count(floor)} "
+                         f"({floor / baseline:.1%} of {flops.format_count(baseline)})")
+    counts, predicted = _search(prunable, raw, limits, order, lambda c: float(cost(c)[which]), goal, tolerance)
+    for other in ORDERS:  # an order too coarse near the target: fall back to the others
+        if abs(predicted - goal) <= tolerance * goal or other == order:
+            continue
+        alt, alt_value = _search(prunable, raw, limits, other, lambda c: float(cost(c)[which]), goal, tolerance)
+        if abs(alt_value - goal) < abs(predicted - goal):
+            counts, predicted = alt, alt_value
+            if progress and abs(predicted - goal) <= tolerance * goal:
+                progress(f"order {order!r} cannot get within {tolerance:.0%} of the target; used {other!r}")
     if abs(predicted - goal) > tolerance * goal:
         raise HRankError(f"no rates within {tolerance:.0%} of {flops.format_count(goal)} {metric}; the closest "
                          f"is {flops.format_count(predicted)}")
-
     mapping = {}
     for g, n in zip(prunable, counts, strict=True):
         rate = readable_rate(n, g.channels)
