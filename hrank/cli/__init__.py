@@ -10,7 +10,7 @@ from hrank import __version__
 from hrank.errors import HRankError
 
 # One module per command, each with add_parser(subparsers) and run(args) -> exit code.
-COMMANDS = ["info", "rank", "prune", "train"]
+COMMANDS = ["info", "rank", "prune", "train", "run"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,198 @@
+"""``hrank run`` configuration: one flat YAML mapping, every key also a command-line flag.
+
+Each key has a type, a default and a help text (shown by ``hrank run --help``). Unknown keys and wrong
+types are one-line errors that name the key and, for YAML files, the line. ``baseline`` and ``finetune``
+are mappings of training-recipe keys (see ``hrank.recipes``), with an optional ``recipe`` preset name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hrank import recipes
+from hrank.errors import HRankError
+from hrank.io import load_yaml_mapping
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: accepted types, default, help, and allowed values."""
+
+    types: tuple[type, ...]
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    affects_results: bool = True  # False for keys that may change between runs of one run directory
+
+
+KEYS: dict[str, Key] = {
+    # what to prune
+    "model": Key((str,), None, "architecture name from the registry (hrank info --model NAME)"),
+    "num_classes": Key((int, type(None)), None, "classifier width (default: the dataset's)"),
+    "checkpoint": Key((str, type(None)), None, "trained baseline weights; none: train a baseline first "
+                                               "(see 'baseline')"),
+    "normalization": Key((str, type(None)), None, "input normalization: cifar or imagenet (default: what an hrank "
+                                                   "checkpoint carries, else cifar)", ("cifar", "imagenet")),
+    # data
+    "dataset": Key((str,), "cifar10", "dataset", ("cifar10", "cifar100")),
+    "data_dir": Key((str, type(None)), None, "dataset folder (default: $HRANK_DATA or ./data)",
+                    affects_results=False),
+    "download": Key((bool,), True, "download CIFAR when absent (needs a network)", affects_results=False),
+    "val_size": Key((int,), 5000, "validation images carved from the training set (model selection)"),
+    "train_subset": Key((int, type(None)), None, "train (baseline) and fine-tune on only this many training "
+                                                 "images (quick runs)"),
+    "test_subset": Key((int, type(None)), None, "evaluate on only the first N test images (quick runs)"),
+    "lossless_test": Key((str, type(None)), None, "an extra CIFAR-format test batch file to report accuracy on "
+                                                  "(e.g. exact-pixel images)"),
+    "seed": Key((int,), 0, "seed for splits, image order, augmentation and initialisation"),
+    "device": Key((str,), "auto", "auto (CUDA when present), cpu, cuda, cuda:N", affects_results=False),
+    # baseline training (only without a checkpoint)
+    "baseline": Key((dict,), {}, "recipe keys for training a baseline when there is no checkpoint "
+                                 "(e.g. {recipe: scratch, epochs: 30})"),
+    # scoring
+    "criterion": Key((str,), "hrank", "filter score: hrank (feature-map rank), l1 (weight norm) or random",
+                     ("hrank", "l1", "random")),
+    "ranks": Key((str, type(None)), None, "use this ranks file (hrank rank --out, or imported official ranks) "
+                                          "instead of computing ranks"),
+    "rank_images": Key((int,), 500, "images whose feature maps are ranked (the paper's g)"),
+    "rank_batch_size": Key((int,), 128, "batch size of rank generation"),
+    "rank_augment": Key((bool,), True, "use training augmentation for the ranking images, as HRank did"),
+    # how much
+    "compress_rate": Key((str, type(None)), None, "HRank's list syntax, one rate per entry, e.g. [0.1]+[0.6]*35+..."),
+    "rates": Key((dict, str, type(None)), None, "rates by layer name or glob pattern, {pattern: rate} "
+                                                "(or 'pat=0.5,pat2=0.3' on the command line)"),
+    "target_macs": Key((float, int, str, type(None)), None, "find rates that keep this many MACs: a fraction "
+                                                            "of the baseline (0.5) or a count (62M)"),
+    "target_params": Key((float, int, str, type(None)), None, "as target_macs, for parameters"),
+    "max_rate": Key((float,), 0.9, "largest rate a budget search may give one group"),
+    "budget_order": Key((str,), "coupled", "order in which a budget search takes channels: coupled (shared "
+                                           "streams pruned more slowly), uniform (same rate everywhere) or score",
+                        ("coupled", "uniform", "score")),
+    # pruning
+    "mode": Key((str,), "physical", "physical (remove channels) or mask (HRank's zero masks, shapes unchanged)",
+                ("physical", "mask")),
+    "coupling": Key((str,), "groups", "groups (one kept set per coupled group) or independent (per conv; mask "
+                                      "mode only, reproduces HRank's masks)", ("groups", "independent")),
+    "width_rule": Key((str,), "mean", "how a coupled group's rate comes from its members' rates",
+                      ("mean", "min", "max")),
+    "recalibrate": Key((bool,), True, "re-estimate BatchNorm statistics after pruning"),
+    "recalibrate_images": Key((int,), 512, "training images used for BN recalibration"),
+    # fine-tuning
+    "finetune": Key((dict,), {}, "recipe keys for fine-tuning, with an optional preset: {recipe: fast, epochs: 30}"),
+    "select_on_test": Key((bool,), False, "select the best epoch on the TEST set (biased; the official code did)"),
+    # outputs
+    "latency": Key((bool,), True, "measure inference latency of the baseline and the pruned model",
+                   affects_results=False),
+    "latency_batch": Key((int,), 128, "batch size of the batched latency measurement", affects_results=False),
+    "export": Key((list, str), ["onnx", "torchscript"], "export formats for the final model: onnx, torchscript",
+                  affects_results=False),
+}
+
+_RECIPE_KEYS = ("baseline", "finetune")
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+             list: "a list", type(None): "null"}
+    return " or ".join(names[t] for t in types)
+
+
+def check_value(key: str, value: Any, where: str = "") -> Any:
+    """Validate one value against the schema; return it (ints accepted where floats are)."""
+    if key not in KEYS:
+        raise HRankError(f"unknown config key {key!r}{where}; valid keys: {', '.join(KEYS)}")
+    spec = KEYS[key]
+    ok = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
+    if not ok and float in spec.types and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise HRankError(f"config key {key!r}{where} must be {_type_name(spec.types)}, got {value!r}")
+    if spec.choices and value is not None and value not in spec.choices:
+        raise HRankError(f"config key {key!r}{where} must be one of {', '.join(spec.choices)}, got {value!r}")
+    if key == "export":
+        formats = [f.strip() for f in value.split(",") if f.strip()] if isinstance(value, str) else list(value)
+        bad = [f for f in formats if f not in ("onnx", "torchscript")]
+        if bad:
+            raise HRankError(f"config key 'export'{where}: unknown format {bad[0]!r} (onnx, torchscript)")
+        value = formats
+    if key in _RECIPE_KEYS:
+        preset = value.get("recipe", "scratch" if key == "baseline" else "fast")
+        if not isinstance(preset, str):
+            raise HRankError(f"config key '{key}.recipe'{where} must be a preset name")
+        recipes.apply_overrides(recipes.get_preset(preset), {k: v for k, v in value.items() if k != "recipe"},
+                                f"'{key}'{where}")
+    return value
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Line number of each top-level key in a YAML mapping (for error messages)."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a run config file (YAML or JSON)."""
+    path = Path(path)
+    data, text = load_yaml_mapping(path, "config file")
+    lines = _key_lines(text)
+    return {key: check_value(key, value, f" ({path.name} line {lines.get(key, '?')})") for key, value in data.items()}
+
+
+def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Defaults <- config file <- flags; recipe mappings are merged key by key. Validates the result."""
+    cfg = {k: (dict(v.default) if isinstance(v.default, dict) else v.default) for k, v in KEYS.items()}
+    for source in (file_values, overrides):
+        for key, value in source.items():
+            value = check_value(key, value, "" if source is file_values else " (command line)")
+            if key in _RECIPE_KEYS:
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
+    if not cfg["model"]:
+        raise HRankError("config key 'model' is required (e.g. model: resnet_56)")
+    chosen = [k for k in ("compress_rate", "rates", "target_macs", "target_params") if cfg[k] is not None]
+    if not chosen:
+        raise HRankError("say how much to prune: compress_rate, rates, target_macs or target_params")
+    if "target_macs" in chosen and "target_params" in chosen:
+        raise HRankError("give target_macs or target_params, not both")
+    if any(k.startswith("target") for k in chosen) and ("compress_rate" in chosen or "rates" in chosen):
+        raise HRankError("a budget (target_macs/target_params) replaces compress_rate/rates: give one or the other")
+    for key in ("rank_images", "rank_batch_size", "recalibrate_images", "latency_batch"):
+        if cfg[key] < 1:
+            raise HRankError(f"config key {key!r} must be >= 1, got {cfg[key]}")
+    for key in ("train_subset", "test_subset"):
+        if cfg[key] is not None and cfg[key] < 1:
+            raise HRankError(f"config key {key!r} must be >= 1, got {cfg[key]}")
+    if cfg["coupling"] == "independent" and cfg["mode"] != "mask":
+        raise HRankError("coupling 'independent' keeps different channels in coupled convs: only mode 'mask' "
+                         "can apply it")
+    return cfg
+
+
+def finetune_recipe(cfg: dict[str, Any]) -> recipes.Recipe:
+    """The fine-tuning recipe: the ``finetune`` mapping's preset (default ``fast``) with its overrides."""
+    values = dict(cfg["finetune"])
+    preset = values.pop("recipe", "fast")
+    return recipes.apply_overrides(recipes.get_preset(preset), values, "'finetune'").validate()
+
+
+def baseline_recipe(cfg: dict[str, Any]) -> recipes.Recipe:
+    """The baseline-training recipe (only used without a checkpoint): default preset ``scratch``."""
+    values = dict(cfg["baseline"])
+    preset = values.pop("recipe", "scratch")
+    return recipes.apply_overrides(recipes.get_preset(preset), values, "'baseline'").validate()
+
+
+def identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The keys that determine a run's results (a run directory belongs to one identity)."""
+    return {k: v for k, v in cfg.items() if KEYS[k].affects_results}
