@@ -456,6 +456,8 @@ class Run:
                     row.update(scores=s.tolist(), mean_rank_kept=float(s[kept].mean()) if kept else None,
                                mean_rank_removed=float(s[removed].mean()) if len(removed) else None)
                 layers.append(row)
+        position = {name: i for i, name in enumerate(scores.scores)}  # module order (the order ranks were taken)
+        layers.sort(key=lambda row: position.get(row["name"], len(position)))
         curves = []
         metrics = self.dir / "finetune" / "metrics.jsonl"
         if metrics.exists():

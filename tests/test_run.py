@@ -47,6 +47,7 @@ def test_pipeline_writes_every_artefact(finished):
     base, final = summary["stages"][0], summary["stages"][-1]
     assert final["macs"] < base["macs"] and final["params"] < base["params"]
     assert 0 <= final["test_top1"] <= 100 and "latency_b1_ms" in final and "latency_b1_ms" in base
+    assert [row["name"] for row in summary["layers"]][:3] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
     widths = {row["name"]: row["after"] for row in summary["layers"]}
     assert widths["layer1.0.conv1"] == 12  # int(0.25 * 16) = 4 removed
     assert json.loads((out / "export.json").read_text())["onnx"]["ok"]

@@ -48,8 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run", help="the whole pipeline: ranks, plan, prune, fine-tune, evaluate, report, export",
         description="Prune a trained model end to end. Every config key is also a flag (flags win). Re-running "
-                    "the same command continues an interrupted run; completed stages are skipped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "the same command continues an interrupted run; completed stages are skipped.")
     p.add_argument("config", nargs="?", help="YAML config file or bundled config name (quick, resnet_56, ...)")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--force", action="store_true",
@@ -58,16 +57,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     keys = p.add_argument_group("config keys (override the file)")
     for key, spec in config.KEYS.items():
         flag = "--" + key.replace("_", "-")
+        text = spec.help
+        if "(default" not in text and spec.default not in (None, {}):
+            shown = ",".join(spec.default) if isinstance(spec.default, list) else spec.default
+            text += f" (default: {str(shown).lower() if isinstance(shown, bool) else shown})"
         if spec.types == (bool,):
-            keys.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=spec.help)
+            keys.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif key in ("baseline", "finetune"):
             keys.add_argument(flag, dest=key, action="append", metavar="KEY=VALUE", default=None,
-                              help=spec.help + "; repeatable")
+                              help=text + "; repeatable")
         elif key in ("rates", "export", "compress_rate", "target_macs", "target_params"):
-            keys.add_argument(flag, dest=key, default=None, help=spec.help, metavar="VALUE")
+            keys.add_argument(flag, dest=key, default=None, help=text, metavar="VALUE")
         else:
-            keys.add_argument(flag, dest=key, default=None, type=str, metavar=key.split("_")[-1].upper(),
-                              choices=spec.choices, help=spec.help)
+            metavar = "{" + ",".join(spec.choices) + "}" if spec.choices else key.split("_")[-1].upper()
+            keys.add_argument(flag, dest=key, default=None, type=str, metavar=metavar, choices=spec.choices,
+                              help=text)
     p.set_defaults(func=run)
 
     r = sub.add_parser("report", help="rebuild the report (md, html, plots) of a finished run directory")
