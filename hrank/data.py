@@ -130,6 +130,23 @@ def _find_folder(data_dir: Path, src: _Source) -> Path | None:
     return None
 
 
+def check_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10", *, download: bool = True) -> Path | None:
+    """The folder holding ``dataset``'s batch files under ``data_dir`` (None: absent, to be downloaded).
+
+    Cheap (no file is read), so that a command can fail before it writes anything when the data is
+    missing and may not be downloaded.
+    """
+    if dataset not in SOURCES:
+        raise HRankError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)}")
+    src = SOURCES[dataset]
+    data_dir = Path(data_dir).expanduser()
+    folder = _find_folder(data_dir, src)
+    if folder is None and not download:
+        raise HRankError(f"{dataset} not found in {data_dir} (expected {src.folder}/ with "
+                         f"{', '.join(src.train_files + src.test_files)}); download it or pass --data-dir")
+    return folder
+
+
 def download_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10") -> Path:
     """Download and unpack the official archive into ``data_dir``, verifying its MD5 checksum."""
     src = SOURCES[dataset]
@@ -169,17 +186,12 @@ def load_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10", split: str
     is an error with ``strict_counts``, else a warning, so small local subsets still work). With
     ``download`` and no files, the official archive is fetched and its checksum verified.
     """
-    if dataset not in SOURCES:
-        raise HRankError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)}")
     if split not in ("train", "test"):
         raise HRankError(f"unknown split {split!r}; choose train or test")
+    folder = check_cifar(data_dir, dataset, download=download)
     src = SOURCES[dataset]
     data_dir = Path(data_dir).expanduser()
-    folder = _find_folder(data_dir, src)
     if folder is None:
-        if not download:
-            raise HRankError(f"{dataset} not found in {data_dir} (expected {src.folder}/ with "
-                             f"{', '.join(src.train_files + src.test_files)}); download it or pass --data-dir")
         folder = download_cifar(data_dir, dataset)
     files = src.train_files if split == "train" else src.test_files
     return load_batch_files([folder / f for f in files], src.num_classes, label_key=src.label_key,

@@ -27,7 +27,7 @@ from hrank.checkpoint import load as load_model
 from hrank.checkpoint import load_weights
 from hrank.checkpoint import save as save_model
 from hrank.criteria import weight_scores
-from hrank.data import ImageSet, Normalization, default_data_dir, load_batch_files, load_cifar
+from hrank.data import ImageSet, Normalization, check_cifar, default_data_dir, load_batch_files, load_cifar
 from hrank.errors import HRankError
 from hrank.io import atomic_write_json, atomic_write_text
 from hrank.plan import Plan, make_plan
@@ -118,6 +118,7 @@ class Run:
             parse_target(c["target_macs"] if c["target_macs"] is not None else c["target_params"])
         if c["ranks"]:
             Ranks.load(c["ranks"], model=model)
+        check_cifar(c["data_dir"] or default_data_dir(), c["dataset"], download=c["download"])
         for path in (c["lossless_test"],):
             if path and not Path(path).is_file():
                 raise HRankError(f"file not found: {path}")

@@ -152,3 +152,10 @@ def test_budget_order_key_matches_the_library():
 
     key = config.KEYS["budget_order"]
     assert key.choices == budget.ORDERS and key.default == budget.ORDER_DEFAULT
+
+
+def test_missing_data_offline_fails_before_writing(tmp_path):
+    cfg = config.resolve({**TINY, "data_dir": str(tmp_path / "nodata")}, {})
+    with pytest.raises(HRankError, match=r"cifar10 not found in .*nodata .*pass --data-dir"):
+        run(cfg, tmp_path / "out", progress=False, printer=lambda s: None)
+    assert not (tmp_path / "out").exists()
