@@ -276,7 +276,7 @@ class Run:
                                       batch_size=c["rank_batch_size"], device=self.device, progress=self.progress,
                                       augment=c["rank_augment"], seed=c["seed"], normalization=norm)
         else:
-            convs = [conv for conv in models.prunable_convs(model)]
+            convs = list(models.prunable_convs(model))
             scores = weight_scores(c["criterion"], model, convs, seed=c["seed"])
             ranks = Ranks(scores, 0, fingerprint=model_fingerprint(model), arch=c["model"],
                           meta={"criterion": c["criterion"], "seed": c["seed"]})
