@@ -273,16 +273,20 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
     cost = _CostModel(model, graph, prunable, input_size)
     which = 0 if metric == "macs" else 1
     limits = [min(g.channels - 1, math.floor(max_rate * g.channels)) for g in prunable]
-    floor = float(cost(limits)[which])
+
+    def value(counts: list[int]) -> float:
+        return float(cost(counts)[which])
+
+    floor = value(limits)
     if floor > goal * (1 + tolerance):
         raise HRankError(f"target {flops.format_count(goal)} {metric} cannot be met with max_rate {max_rate:g}; "
                          f"the closest achievable is {flops.format_count(floor)} "
                          f"({floor / baseline:.1%} of {flops.format_count(baseline)})")
-    counts, predicted = _search(prunable, raw, limits, order, lambda c: float(cost(c)[which]), goal, tolerance)
+    counts, predicted = _search(prunable, raw, limits, order, value, goal, tolerance)
     for other in ORDERS:  # an order too coarse near the target: fall back to the others
         if abs(predicted - goal) <= tolerance * goal or other == order:
             continue
-        alt, alt_value = _search(prunable, raw, limits, other, lambda c: float(cost(c)[which]), goal, tolerance)
+        alt, alt_value = _search(prunable, raw, limits, other, value, goal, tolerance)
         if abs(alt_value - goal) < abs(predicted - goal):
             counts, predicted = alt, alt_value
             if progress and abs(predicted - goal) <= tolerance * goal:
