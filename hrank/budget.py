@@ -39,6 +39,10 @@ TOLERANCE = 0.01
 #   score:   globally by each group's per-channel score relative to the group's best channel.
 ORDERS = ("coupled", "uniform", "score")
 ORDER_DEFAULT = "coupled"
+# Pruned groups keep a multiple of this many channels when a target allows (docs/benchmarks.md: widths such
+# as 16 -> 11 or 64 -> 61 run convolutions at a fraction of the speed of 8 or 56 on CPU; GPUs favour multiples
+# of 8 as well). 1 turns rounding off.
+ROUND_TO_DEFAULT = 8
 
 
 @dataclass
@@ -54,6 +58,7 @@ class BudgetResult:
     params: int
     evaluations: int  # physical prunes done to confirm the answer
     group_pruned: dict[str, int] = field(default_factory=dict)  # first member -> filters removed
+    round_to: int = 1  # the width multiple the answer keeps (1 when rounding was off or had to be dropped)
 
     @property
     def error(self) -> float:
@@ -71,7 +76,7 @@ class BudgetResult:
         return {"metric": self.metric, "target": self.target, "achieved": self.achieved, "baseline": self.baseline,
                 "ratio": self.achieved / self.baseline, "error": self.error, "macs": self.macs,
                 "params": self.params, "evaluations": self.evaluations, "compress_rate": self.hrank_string(),
-                "rates": dict(self.spec.rates)}
+                "round_to": self.round_to, "rates": dict(self.spec.rates)}
 
 
 def readable_rate(n: int, channels: int) -> float:
@@ -176,27 +181,35 @@ class _CostModel:
         return macs, params
 
 
+def _steps(channels: int, limit: int, round_to: int) -> list[int]:
+    """Cumulative channel counts a group may give up: every count up to ``limit``, or with ``round_to`` > 1
+    only those that leave a multiple of ``round_to`` channels (widths a CPU or GPU kernel runs efficiently)."""
+    return [k for k in range(1, limit + 1) if round_to == 1 or (channels - k) % round_to == 0]
+
+
 def _search(groups: Sequence[Group], raw: Mapping[str, Any], limits: Sequence[int], order: str,
-            value: Callable[[list[int]], float], goal: float, tolerance: float) -> tuple[list[int], float]:
+            value: Callable[[list[int]], float], goal: float, tolerance: float,
+            round_to: int = 1) -> tuple[list[int], float]:
     """Channels to remove per group, closest to ``goal`` when groups give them up in ``order``."""
-    events: list[tuple[float, int]] = []
+    events: list[tuple[float, int, int]] = []  # (key, group, channels this step removes)
     for gi, (g, limit) in enumerate(zip(groups, limits, strict=True)):
-        if order == "uniform":
-            keys = [(k + 1) / g.channels for k in range(limit)]
-        elif order == "coupled":  # a group whose channels feed n convs gives them up n times more slowly
-            keys = [(k + 1) / g.channels * len(g.members) for k in range(limit)]
-        else:  # "score": globally by the group's per-channel score, relative to the group's best
+        steps = _steps(g.channels, limit, round_to)
+        if order == "score":  # globally by the group's per-channel score, relative to the group's best
             member_scores = [np.asarray(raw[m], dtype=float) for m in g.members if m in raw]
             s = np.sort(np.mean(member_scores, axis=0))
             s = s / s[-1] if s[-1] > 0 else s
-            keys = [float(s[k]) for k in range(limit)]
-        events += [(key, gi) for key in keys]
+            keys = [float(s[k - 1]) for k in steps]
+        elif order == "coupled":  # a group whose channels feed n convs gives them up n times more slowly
+            keys = [k / g.channels * len(g.members) for k in steps]
+        else:  # uniform
+            keys = [k / g.channels for k in steps]
+        events += [(key, gi, k - prev) for key, k, prev in zip(keys, steps, [0, *steps][:-1], strict=True)]
     events.sort()
 
     def counts_after(n_events: int) -> list[int]:
         counts = [0] * len(groups)
-        for _, gi in events[:n_events]:
-            counts[gi] += 1
+        for _, gi, size in events[:n_events]:
+            counts[gi] += size
         return counts
 
     lo, hi = 0, len(events)
@@ -211,11 +224,15 @@ def _search(groups: Sequence[Group], raw: Mapping[str, Any], limits: Sequence[in
         # The step at the crossing is too coarse (a group whose channels cost much): from just above the
         # goal, go on in the same order but skip any single removal that would undershoot the window.
         counts = counts_after(lo)
-        for _, gi in events[lo:]:
-            counts[gi] += 1
+        blocked: set[int] = set()  # a group's steps go in order: once one is skipped, so are its later ones
+        for _, gi, size in events[lo:]:
+            if gi in blocked:
+                continue
+            counts[gi] += size
             now = value(counts)
             if now < goal * (1 - tolerance):
-                counts[gi] -= 1
+                counts[gi] -= size
+                blocked.add(gi)
             elif now <= goal * (1 + tolerance):
                 break
         best = min((best, counts), key=lambda c: abs(value(c) - goal))
@@ -226,7 +243,7 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
                 metric: str = "macs", input_size: tuple[int, ...] | None = None,
                 example_input: torch.Tensor | None = None, convs: Sequence[str] | None = None,
                 max_rate: float = 0.9, tolerance: float = TOLERANCE, order: str = ORDER_DEFAULT,
-                progress: Callable[[str], None] | None = None) -> BudgetResult:
+                round_to: int = ROUND_TO_DEFAULT, progress: Callable[[str], None] | None = None) -> BudgetResult:
     """Rates whose physically pruned network has ``target`` MACs (or params), within ``tolerance``.
 
     ``target`` below or equal to 1 is a fraction of the unpruned count, above 1 an absolute count.
@@ -234,12 +251,16 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
     groups with a scored member among ``convs`` (default: the official prunable convs for registry
     models, every scored conv otherwise) are pruned, each by at most ``max_rate`` of its channels.
     ``order`` is the sequence in which groups give up channels while the search tightens (see ``ORDERS``).
+    ``round_to`` > 1 keeps every pruned group's width a multiple of it (convolution kernels run channel counts
+    such as 16 -> 11 at a fraction of their speed); when no such widths reach the target, single channels are used.
     A target that cannot be met is a one-line error naming the closest achievable count.
     """
     if order not in ORDERS:
         raise HRankError(f"unknown budget order {order!r}; choose {', '.join(ORDERS)}")
     if metric not in ("macs", "params"):
         raise HRankError(f"unknown budget metric {metric!r}; choose macs or params")
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise HRankError(f"round_to must be a positive integer, got {round_to!r}")
     if not 0 < max_rate < 1:
         raise HRankError(f"max_rate must be in (0, 1), got {max_rate}")
     if getattr(model, "hrank_plan", None) is not None:
@@ -282,15 +303,22 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
         raise HRankError(f"target {flops.format_count(goal)} {metric} cannot be met with max_rate {max_rate:g}; "
                          f"the closest achievable is {flops.format_count(floor)} "
                          f"({floor / baseline:.1%} of {flops.format_count(baseline)})")
-    counts, predicted = _search(prunable, raw, limits, order, value, goal, tolerance)
-    for other in ORDERS:  # an order too coarse near the target: fall back to the others
-        if abs(predicted - goal) <= tolerance * goal or other == order:
-            continue
-        alt, alt_value = _search(prunable, raw, limits, other, value, goal, tolerance)
-        if abs(alt_value - goal) < abs(predicted - goal):
-            counts, predicted = alt, alt_value
-            if progress and abs(predicted - goal) <= tolerance * goal:
-                progress(f"order {order!r} cannot get within {tolerance:.0%} of the target; used {other!r}")
+    counts, predicted, used = [0] * len(prunable), baseline, 1
+    for step in dict.fromkeys((round_to, 1)):  # whole multiples first; single channels if they cannot reach it
+        if abs(predicted - goal) <= tolerance * goal:
+            break
+        if step != round_to and progress:
+            progress(f"widths in multiples of {round_to} cannot get within {tolerance:.0%} of the target; "
+                     f"rounding dropped")
+        step_limits = [max(_steps(g.channels, lim, step), default=0) for g, lim in zip(prunable, limits, strict=True)]
+        for other in (order, *[o for o in ORDERS if o != order]):  # an order too coarse: fall back to the others
+            if abs(predicted - goal) <= tolerance * goal:
+                break
+            alt, alt_value = _search(prunable, raw, step_limits, other, value, goal, tolerance, step)
+            if abs(alt_value - goal) < abs(predicted - goal):
+                counts, predicted, used = alt, alt_value, step
+                if progress and other != order and abs(predicted - goal) <= tolerance * goal:
+                    progress(f"order {order!r} cannot get within {tolerance:.0%} of the target; used {other!r}")
     if abs(predicted - goal) > tolerance * goal:
         raise HRankError(f"no rates within {tolerance:.0%} of {flops.format_count(goal)} {metric}; the closest "
                          f"is {flops.format_count(predicted)}")
@@ -310,4 +338,4 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
         raise HRankError(f"internal: the cost model predicted {cost(counts)} but the pruned network counts "
                          f"({real.macs}, {real.params}); please report this model")
     return BudgetResult(spec, metric, goal, achieved, baseline, real.macs, real.params, 1,
-                        {g.members[0]: n for g, n in zip(prunable, counts, strict=True)})
+                        {g.members[0]: n for g, n in zip(prunable, counts, strict=True)}, used)

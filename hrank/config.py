@@ -71,6 +71,8 @@ KEYS: dict[str, Key] = {
     "budget_order": Key((str,), "coupled", "order in which a budget search takes channels: coupled (shared "
                                            "streams pruned more slowly), uniform (same rate everywhere) or score",
                         ("coupled", "uniform", "score")),
+    "round_to": Key((int,), 8, "a budget search keeps pruned widths at multiples of this (fast kernels); 1 = exact "
+                               "channels"),
     # pruning
     "mode": Key((str,), "physical", "physical (remove channels) or mask (HRank's zero masks, shapes unchanged)",
                 ("physical", "mask")),
@@ -167,7 +169,7 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         raise HRankError("give target_macs or target_params, not both")
     if any(k.startswith("target") for k in chosen) and ("compress_rate" in chosen or "rates" in chosen):
         raise HRankError("a budget (target_macs/target_params) replaces compress_rate/rates: give one or the other")
-    for key in ("rank_images", "rank_batch_size", "recalibrate_images", "latency_batch"):
+    for key in ("rank_images", "rank_batch_size", "recalibrate_images", "latency_batch", "round_to"):
         if cfg[key] < 1:
             raise HRankError(f"config key {key!r} must be >= 1, got {cfg[key]}")
     for key in ("train_subset", "test_subset"):

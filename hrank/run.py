@@ -90,7 +90,7 @@ class Run:
         scores = _hash([base, c["criterion"], _file_id(c["ranks"]), c["rank_images"], c["rank_batch_size"],
                         c["rank_augment"]])
         spec = _hash([scores, c["compress_rate"], c["rates"], c["target_macs"], c["target_params"], c["max_rate"],
-                      c["budget_order"]])
+                      c["budget_order"], c["round_to"]])
         plan = _hash([spec, c["coupling"], c["width_rule"]])
         prune = _hash([plan, c["mode"], c["recalibrate"], c["recalibrate_images"]])
         finetune = _hash([prune, c["finetune"], c["select_on_test"], c["train_subset"]])
@@ -293,7 +293,7 @@ class Run:
             metric = "macs" if c["target_macs"] is not None else "params"
             target = c["target_macs"] if metric == "macs" else c["target_params"]
             result = find_budget(model, scores, target=target, metric=metric, max_rate=c["max_rate"],
-                                 order=c["budget_order"], progress=self.print)
+                                 order=c["budget_order"], round_to=c["round_to"], progress=self.print)
             spec = result.spec
             info["budget"] = result.to_json()
             text = result.hrank_string()

@@ -115,3 +115,49 @@ def test_parse_target():
     for bad in ("abc", "-1", "0"):
         with pytest.raises(HRankError):
             parse_target(bad)
+
+
+def _kept_widths(model: nn.Module, result, x: torch.Tensor | None = None) -> dict[str, int]:
+    plan = make_plan(model, l1_scores(model), result.spec, example_input=x)
+    pruned = apply_plan(copy.deepcopy(model), plan, example_input=x)
+    return {name: m.out_channels for name, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def test_round_to_keeps_pruned_widths_at_multiples():
+    model = models.create("resnet_20")
+    original = {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    for order in ("coupled", "uniform", "score"):
+        result = find_budget(model, l1_scores(model), target=0.5, order=order, round_to=8)
+        assert result.round_to == 8 and result.error <= 0.01
+        widths = _kept_widths(model, result)
+        assert widths != original
+        assert all(w % 8 == 0 for w in widths.values())
+    exact = find_budget(model, l1_scores(model), target=0.5, round_to=1)
+    assert exact.round_to == 1 and any(w % 8 for w in _kept_widths(model, exact).values())
+
+
+def test_round_to_from_widths_that_are_not_multiples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), nn.BatchNorm2d(20), nn.ReLU(),
+                          nn.Conv2d(20, 20, 3, padding=1), nn.BatchNorm2d(20), nn.ReLU(),
+                          nn.Conv2d(20, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4))
+    x = torch.zeros(1, 3, 8, 8)
+    result = find_budget(model, l1_scores(model), target=0.62, example_input=x, round_to=8)
+    assert result.round_to == 8 and result.error <= 0.01
+    widths = _kept_widths(model, result, x)
+    assert widths["0"] in (20, 16, 8) and widths["3"] in (20, 16, 8) and widths["6"] in (12, 8)
+    assert widths != {"0": 20, "3": 20, "6": 12}
+
+
+def test_round_to_is_dropped_when_multiples_cannot_reach_the_target():
+    torch.manual_seed(0)
+    model = _Tiny()
+    said: list[str] = []
+    result = find_budget(model, l1_scores(model), target=0.8, example_input=torch.zeros(1, 3, 16, 16),
+                         round_to=16, progress=said.append)
+    assert result.round_to == 1 and result.error <= 0.01
+    assert any("widths in multiples of 16 cannot get within 1% of the target; rounding dropped" in s for s in said)
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(HRankError, match="round_to must be a positive integer"):
+            find_budget(model, l1_scores(model), target=0.8, example_input=torch.zeros(1, 3, 16, 16), round_to=bad)

@@ -87,6 +87,8 @@ def test_budget_and_l1_criterion(tiny_cifar, tmp_path):
     assert abs(ratio - 0.6) <= 0.006
     assert (tmp_path / "out" / "compress_rate.txt").read_text().startswith("[")
     assert any("budget:" in line for line in logs)
+    budget = json.loads((tmp_path / "out" / "spec.json").read_text())["budget"]
+    assert budget["round_to"] == 8  # the default: every pruned group keeps a multiple of 8 channels
 
 
 def test_not_a_run_directory_is_refused(tiny_cifar, tmp_path):
@@ -152,6 +154,9 @@ def test_budget_order_key_matches_the_library():
 
     key = config.KEYS["budget_order"]
     assert key.choices == budget.ORDERS and key.default == budget.ORDER_DEFAULT
+    assert config.KEYS["round_to"].default == budget.ROUND_TO_DEFAULT
+    with pytest.raises(HRankError, match="'round_to' must be >= 1, got 0"):
+        config.resolve({"model": "resnet_20", "target_macs": 0.5, "round_to": 0}, {})
 
 
 def test_missing_data_offline_fails_before_writing(tmp_path):
