@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +158,41 @@ def parse_rates(text: str) -> list[float]:
         if not math.isfinite(v):
             raise HRankError(f"compress_rate holds a non-finite value {v!r}")
     return values
+
+
+def encode_rates(rates: Sequence[float], max_period: int = 4) -> str:
+    """The shortest-reading list syntax for ``rates``: repeats of one value or of a short pattern
+    (``[0.0, 0.5]*18``, as a ResNet's alternating stream/inner entries give), the rest as plain lists."""
+    out: list[str] = []
+    pending: list[float] = []
+
+    def flush() -> None:
+        if pending:
+            out.append("[" + ", ".join(repr(r) for r in pending) + "]")
+            pending.clear()
+
+    i = 0
+    while i < len(rates):
+        best_period, best_count = 1, 1
+        for period in range(1, max_period + 1):
+            block = list(rates[i:i + period])
+            if len(block) < period:
+                break
+            count = 1
+            while list(rates[i + count * period:i + (count + 1) * period]) == block:
+                count += 1
+            if count > 1 and period * count > best_period * best_count:
+                best_period, best_count = period, count
+        if best_count == 1:
+            pending.append(rates[i])
+            i += 1
+            continue
+        flush()
+        block = rates[i:i + best_period]
+        out.append("[" + ", ".join(repr(r) for r in block) + f"]*{best_count}")
+        i += best_period * best_count
+    flush()
+    return "+".join(out)
 
 
 def parse_mapping_string(text: str) -> dict[str, float]:
@@ -353,14 +388,8 @@ class Spec:
         return out
 
     def to_hrank_string(self) -> str:
-        """The rates as HRank's list syntax, run-length encoded: ``[0.1]+[0.6]*35+...``."""
-        runs: list[list] = []
-        for r in self.entry_rates():
-            if runs and runs[-1][0] == r:
-                runs[-1][1] += 1
-            else:
-                runs.append([r, 1])
-        return "+".join(f"[{r!r}]" + (f"*{n}" if n > 1 else "") for r, n in runs)
+        """The rates as HRank's list syntax, run-length encoded: ``[0.1]+[0.6]*35+[0.0, 0.5]*18+...``."""
+        return encode_rates(self.entry_rates())
 
     def to_json(self) -> dict:
         """Plain JSON: arch, where the rates came from, and the resolved per-conv rates."""

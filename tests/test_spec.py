@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from hrank import models
 from hrank.errors import HRankError
-from hrank.spec import Spec, parse_mapping_string, parse_rates
+from hrank.spec import Spec, encode_rates, parse_mapping_string, parse_rates
 
 OFFICIAL_COUNTS = {"vgg_16_bn": 13, "resnet_56": 55, "resnet_110": 109, "densenet_40": 39, "googlenet": 10,
                    "resnet_50": 53, "resnet_20": 19, "resnet_32": 31, "resnet_44": 43}
@@ -83,7 +83,8 @@ def test_resnet56_official_string_maps_in_hrank_order(selection):
     # every conv gets exactly the rate mask.py applied
     for conv in selection["resnet_56"]["strings"]["current"]["convs"]:
         assert spec.rates[conv["module"]] == conv["rate"]
-    assert spec.to_hrank_string() == text.replace("0.60", "0.6")
+    # written back folded: the trailing alternation of 0.1 and 0.4 becomes one repeated pattern
+    assert spec.to_hrank_string() == "[0.1]+[0.6]*35+[0.0]*2+[0.6]*6+[0.4]*3+[0.1, 0.4]*4"
     assert parse_rates(spec.to_hrank_string()) == parse_rates(text)
 
 
@@ -163,3 +164,17 @@ def test_string_needs_a_registered_model():
         Spec.from_string(nn.Sequential(nn.Conv2d(3, 4, 3)), "[0.5]")
     spec = Spec.from_mapping(nn.Sequential(nn.Conv2d(3, 4, 3)), {"0": 0.5})
     assert spec.rates == {"0": 0.5} and spec.order is None
+
+
+@given(st.lists(st.sampled_from([0.0, 0.1, 0.5, 0.63]), min_size=1, max_size=60))
+def test_encoded_rates_parse_back(rates):
+    text = encode_rates(rates)
+    assert parse_rates(text) == rates
+    assert len(text) <= len("+".join(f"[{r!r}]" for r in rates))  # never longer than one list per entry
+
+
+def test_encoded_rates_fold_alternating_patterns():
+    # a ResNet budget alternates stream and inner-conv entries: folded, not 55 terms
+    rates = [0.0, 0.5] * 18 + [0.0, 0.63] + [0.0, 0.5] * 8 + [0.0]
+    assert encode_rates(rates) == "[0.0, 0.5]*18+[0.0, 0.63]+[0.0, 0.5]*8+[0.0]"
+    assert encode_rates([0.1] + [0.6] * 35 + [0.0] * 2) == "[0.1]+[0.6]*35+[0.0]*2"
