@@ -24,7 +24,10 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import sys
+import tempfile
+import time
 
 import torch
 
@@ -45,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", type=float, default=0.5, help="fraction of dense MACs to keep (default 0.5)")
     ap.add_argument("--compress-rate", default=None, help="HRank string instead of a budget search")
     ap.add_argument("--budget-order", default=None, help="hrank.budget order (default: the library's)")
+    ap.add_argument("--round-to", type=int, default=None,
+                    help="width multiple of the budget search (default: the library's; 1 = exact channels)")
     ap.add_argument("--checkpoint", default=None, help="ResNet-56 weights (default: random)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 128], help="batch sizes (default 1 128)")
     ap.add_argument("--repeats", type=int, default=15, help="timed runs per measurement (default 15)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if present)")
-    ap.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and input")
+    ap.add_argument("--onnxruntime", action="store_true",
+                    help="also time dense and pruned exported to ONNX, run by onnxruntime on the CPU (hrank[export])")
+    ap.add_argument("--layouts", nargs="+", choices=("nchw", "channels_last"), default=["nchw", "channels_last"],
+                    help="memory formats to time, each for all three models (default: both)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         label = "HRank string"
     else:
         extra = {"order": args.budget_order} if args.budget_order else {}
-        spec = find_budget(dense, scores, target=args.target, **extra).spec
-        label = f"rates found for {args.target:.0%} of the MACs, order {args.budget_order or 'default'}"
+        if args.round_to is not None:
+            extra["round_to"] = args.round_to
+        result = find_budget(dense, scores, target=args.target, **extra)
+        spec = result.spec
+        label = (f"rates found for {args.target:.0%} of the MACs, order {args.budget_order or 'default'}, "
+                 f"widths in multiples of {result.round_to}")
     plan = make_plan(dense, scores, spec, criterion="random")
     pruned = apply_plan(copy.deepcopy(dense), plan).eval()
     masked = apply_plan(copy.deepcopy(dense), plan, mode="mask").eval()
@@ -80,31 +92,71 @@ def main(argv: list[str] | None = None) -> int:
           f"{flops.format_count(macs['dense'])} MACs) vs mask mode")
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads, python {sys.version.split()[0]}; median of {args.repeats} runs "
-          f"after {args.warmup} warm-up{', channels_last' if args.channels_last else ''}")
-    header = f"{'device':6} {'batch':>5} {'model':9} {'MACs':>8} {'MAC red.':>8} {'median ms':>10} " \
+          f"after {args.warmup} warm-up")
+    header = f"{'device':6} {'layout':13} {'batch':>5} {'model':9} {'MACs':>8} {'MAC red.':>8} {'median ms':>10} " \
              f"{'p10-p90 ms':>15} {'speed-up':>8} {'of MAC red.':>11}"
     print(header)
     print("-" * len(header))
     named = {"dense": dense, "physical": pruned, "mask": masked}
-    for device in devices:
+    for device, layout in [(d, lay) for d in devices for lay in args.layouts]:
+        channels_last = layout == "channels_last"
         for m in named.values():
-            m.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+            m.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         for batch in args.batches:
             # interleaved rounds: a load change on a shared machine hits all three models alike
             lat = compare_latency(named, INPUT, batch, device=device, rounds=args.repeats, repeats=1,
-                                  warmup=args.warmup, channels_last=args.channels_last)
-            base = lat["dense"].median_ms
+                                  warmup=args.warmup, channels_last=channels_last)
             for name, stats in lat.items():
-                reduction = macs["dense"] / macs[name]
-                speedup = base / stats.median_ms
-                print(f"{device:6} {batch:>5} {name:9} {flops.format_count(macs[name]):>8} {reduction:>7.2f}x "
-                      f"{stats.median_ms:>10.2f} {stats.p10_ms:>7.2f}-{stats.p90_ms:<7.2f} {speedup:>7.2f}x "
-                      f"{100 * speedup / reduction:>10.0f}%")
+                _row(device, layout, batch, name, macs, stats.median_ms, stats.p10_ms, stats.p90_ms,
+                     lat["dense"].median_ms)
         for m in named.values():
-            m.to("cpu")
+            m.to("cpu", memory_format=torch.contiguous_format)
+    if args.onnxruntime:
+        for batch in args.batches:
+            times = _onnxruntime_times({"dense": dense, "physical": pruned}, batch, args)
+            for name, samples in times.items():
+                q = statistics.quantiles(samples, n=10, method="inclusive")
+                _row("cpu", "onnxruntime", batch, name, macs, statistics.median(samples), q[0], q[-1],
+                     statistics.median(times["dense"]))
     print("# 'of MAC red.' = measured speed-up / MAC reduction; goal on CPU at batch 128: >= 80% for 'physical'.")
     print("# mask mode computes the full network (zeros included): no speed-up is expected, and none is measured.")
     return 0
+
+
+def _row(device: str, layout: str, batch: int, name: str, macs: dict[str, int], median: float, p10: float,
+         p90: float, base: float) -> None:
+    reduction = macs["dense"] / macs[name]
+    speedup = base / median
+    print(f"{device:6} {layout:13} {batch:>5} {name:9} {flops.format_count(macs[name]):>8} {reduction:>7.2f}x "
+          f"{median:>10.2f} {p10:>7.2f}-{p90:<7.2f} {speedup:>7.2f}x {100 * speedup / reduction:>10.0f}%")
+
+
+def _onnxruntime_times(named: dict[str, torch.nn.Module], batch: int, args: argparse.Namespace) -> dict[str, list]:
+    """Milliseconds per run of each model exported to ONNX, onnxruntime sessions timed in alternation."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from hrank.export import export_onnx
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    x = np.random.default_rng(0).standard_normal((batch, *INPUT), dtype=np.float32)
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in named.items():
+            path = os.path.join(tmp, f"{name}.onnx")
+            export_onnx(model, path, INPUT)
+            sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    times: dict[str, list] = {name: [] for name in sessions}
+    for _ in range(args.repeats):
+        for name, sess in sessions.items():
+            for _ in range(args.warmup):
+                sess.run(None, {"input": x})
+            start = time.perf_counter()
+            sess.run(None, {"input": x})
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 if __name__ == "__main__":
