@@ -89,6 +89,9 @@ KEYS: dict[str, Key] = {
     "latency": Key((bool,), True, "measure inference latency of the baseline and the pruned model",
                    affects_results=False),
     "latency_batch": Key((int,), 128, "batch size of the batched latency measurement", affects_results=False),
+    "latency_layout": Key((str,), "channels_last", "memory format of the latency measurement: channels_last (the "
+                                                  "fast layout for CNN inference on CPU) or nchw",
+                          ("channels_last", "nchw"), affects_results=False),
     "export": Key((list, str), ["onnx", "torchscript"], "export formats for the final model: onnx, torchscript",
                   affects_results=False),
 }

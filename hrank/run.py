@@ -9,6 +9,7 @@ different one is refused unless ``force`` is given, and then only the stages who
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -96,7 +97,7 @@ class Run:
         finetune = _hash([prune, c["finetune"], c["select_on_test"], c["train_subset"]])
         evaluate_key = _hash([finetune, c["test_subset"], _file_id(c["lossless_test"])])
         export = _hash([evaluate_key, c["export"]])
-        report = _hash([evaluate_key, export, c["latency"], c["latency_batch"]])
+        report = _hash([evaluate_key, export, c["latency"], c["latency_batch"], c["latency_layout"]])
         return {"baseline": base, "scores": scores, "spec": spec, "plan": plan, "prune": prune,
                 "finetune": finetune, "evaluate": evaluate_key, "export": export, "report": report}
 
@@ -220,13 +221,17 @@ class Run:
         out: dict[str, dict] = {name: {} for name in named}
         named = {k: m.to(self.device).eval() for k, m in named.items()}
         cuda = self.device.type == "cuda"
+        layout = self.cfg["latency_layout"]
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        named = {k: copy.deepcopy(m).to(memory_format=fmt) for k, m in named.items()}  # the saved models stay
         for key, batch, repeats in (("latency_b1_ms", 1, 20 if cuda else 10),
                                     ("latency_batch_ms", self.cfg["latency_batch"], 10 if cuda else 3)):
             for name, lat in compare_latency(named, self.input_size, batch, device=self.device, rounds=3,
-                                             repeats=repeats).items():
+                                             repeats=repeats, channels_last=layout == "channels_last").items():
                 out[name][key] = lat.median_ms
                 out[name]["latency_batch"] = self.cfg["latency_batch"]
                 out[name]["latency_device"] = str(self.device)
+                out[name]["latency_layout"] = layout
         return out
 
     # -- stages -------------------------------------------------------------------------------------------
@@ -480,7 +485,8 @@ class Run:
         }
         if speedup:
             facts["speed-up"] = (f"{speedup:.2f}x at batch {final.get('latency_batch')} on "
-                                 f"{final.get('latency_device')} (MAC ratio {base['macs'] / final['macs']:.2f}x)")
+                                 f"{final.get('latency_device')}, {final.get('latency_layout', 'nchw')} "
+                                 f"(MAC ratio {base['macs'] / final['macs']:.2f}x)")
         if "budget" in spec_info:
             b = spec_info["budget"]
             facts["budget"] = (f"target {flops.format_count(b['target'])} {b['metric']}, achieved "

@@ -69,7 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         elif key in ("rates", "export", "compress_rate", "target_macs", "target_params"):
             keys.add_argument(flag, dest=key, default=None, help=text, metavar="VALUE")
         else:
-            metavar = "{" + ",".join(spec.choices) + "}" if spec.choices else key.split("_")[-1].upper()
+            metavar = "{" + ",".join(spec.choices) + "}" if spec.choices else \
+                ("N" if spec.types == (int,) else key.split("_")[-1].upper())
             keys.add_argument(flag, dest=key, default=None, type=str, metavar=metavar, choices=spec.choices,
                               help=text)
     p.set_defaults(func=run)
