@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--target-macs", type=float, default=0.5)
     ap.add_argument("--criteria", default="hrank,l1,random")
     ap.add_argument("--budget-order", default=None, help="hrank.budget order (default: the library's)")
+    ap.add_argument("--round-to", type=int, default=None,
+                    help="width multiple of the budget search (default: the library's; 1 = exact channels)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.02)
@@ -85,6 +87,8 @@ def main() -> None:
                           device=device, progress=False)
     results["rank_seconds"] = time.perf_counter() - t0
     extra = {"order": args.budget_order} if args.budget_order else {}
+    if args.round_to is not None:
+        extra["round_to"] = args.round_to
     budget = find_budget(base, ranks, target=args.target_macs, metric="macs", **extra)
     results["spec"] = budget.hrank_string()
     results["macs"], results["params"] = budget.macs, budget.params
