@@ -114,9 +114,15 @@ class Run:
 
             Spec.from_mapping(model, parse_mapping_string(c["rates"]) if isinstance(c["rates"], str) else c["rates"])
         else:
-            from hrank.budget import parse_target
+            from hrank.budget import find_budget, parse_target
+            from hrank.criteria import l1_scores
 
-            parse_target(c["target_macs"] if c["target_macs"] is not None else c["target_params"])
+            metric = "macs" if c["target_macs"] is not None else "params"
+            target = c["target_macs"] if metric == "macs" else c["target_params"]
+            parse_target(target)
+            if not (self.dir / "spec.json").exists():  # a target that cannot be met fails now, not after ranking
+                find_budget(model, l1_scores(model), target=target, metric=metric, max_rate=c["max_rate"],
+                            order=c["budget_order"], round_to=c["round_to"])
         if c["ranks"]:
             Ranks.load(c["ranks"], model=model)
         check_cifar(c["data_dir"] or default_data_dir(), c["dataset"], download=c["download"])

@@ -164,3 +164,10 @@ def test_missing_data_offline_fails_before_writing(tmp_path):
     with pytest.raises(HRankError, match=r"cifar10 not found in .*nodata .*pass --data-dir"):
         run(cfg, tmp_path / "out", progress=False, printer=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_budget_fails_before_ranking(tiny_cifar, tmp_path):
+    cfg = _cfg(tiny_cifar, compress_rate=None, target_macs=0.001)
+    with pytest.raises(HRankError, match=r"cannot be met with max_rate 0.9; the closest achievable is"):
+        run(cfg, tmp_path / "out", progress=False, printer=lambda s: None)
+    assert not (tmp_path / "out").exists()  # nothing trained, ranked or written
