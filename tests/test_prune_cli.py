@@ -99,6 +99,21 @@ def test_prune_cli_l1_criterion_without_ranks(tmp_path, r20, capsys):
     assert "layer1.0.conv2" not in plan["layers"]  # not named by the rates: untouched
 
 
+def test_prune_cli_budget_target(tmp_path, r20, capsys):
+    ckpt, ranks = r20
+    out = tmp_path / "half"
+    assert main(["prune", "--model", "resnet_20", "--checkpoint", str(ckpt), "--ranks", str(ranks),
+                 "--target-macs", "0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "budget:" in printed and "rates: [" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert abs(summary["after"]["macs"] / summary["before"]["macs"] - 0.5) <= 0.005
+    assert summary["budget"]["round_to"] == 8
+    assert all(layer["kept"] % 8 == 0 for layer in summary["layers"])
+    model, _ = hrank.load(out / "model.pt")  # the saved model is the budgeted one
+    assert hrank.flops.count(model).macs == summary["after"]["macs"]
+
+
 def test_prune_cli_force_replaces(tmp_path, r20, capsys):
     ckpt, ranks = r20
     out = tmp_path / "o"
@@ -133,6 +148,10 @@ def _bad_inputs(tmp_path: Path, r20) -> list[tuple[list[str], str]]:
         (base + ["--checkpoint", str(ckpt), "--compress-rate", "[0.5]*19"], "--ranks is required"),
         (base + ["--checkpoint", str(tmp_path / "missing.pt"), "--ranks", str(ranks), "--compress-rate", "[0.5]*19"],
          "checkpoint not found"),
+        (base + ["--ranks", str(ranks), "--target-macs", "0.5", "--compress-rate", "[0.5]*19"], "give one way"),
+        (base + ["--ranks", str(ranks), "--target-macs", "0.5", "--target-params", "0.5"], "not both"),
+        (base + ["--ranks", str(ranks), "--target-macs", "0.001"], "cannot be met"),
+        (base + ["--ranks", str(ranks), "--target-macs", "0.5", "--round-to", "0"], "round_to must be a positive"),
     ]
 
 

@@ -17,13 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from hrank import flops, models
+from hrank import config, flops, models
 from hrank.cli.common import add_device_arg, format_table, resolve_device
 from hrank.data import Batches, Normalization, load_cifar
 from hrank.errors import HRankError
 from hrank.io import atomic_write_json
 
 CRITERIA = ("hrank", "l1", "random")
+ORDERS = config.KEYS["budget_order"].choices  # hrank.budget's, without importing it for --help
+ORDER_DEFAULT = config.KEYS["budget_order"].default
+ROUND_TO_DEFAULT = config.KEYS["round_to"].default
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +52,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="YAML/JSON file: PATTERN: RATE lines, or compress_rate:/rates: keys")
     src.add_argument("--rates", default=None,
                      help="\"PATTERN=RATE,...\" with glob patterns over conv names (overrides the above)")
+    src.add_argument("--target-macs", default=None,
+                     help="instead of rates: find rates that keep this many MACs on the real pruned network, "
+                          "a fraction (0.5) or a count (62M)")
+    src.add_argument("--target-params", default=None, help="as --target-macs, for parameters")
+    src.add_argument("--max-rate", type=float, default=0.9,
+                     help="largest rate a budget search may give one group (default %(default)s)")
+    src.add_argument("--budget-order", default=ORDER_DEFAULT, choices=ORDERS,
+                     help="order in which a budget search takes channels (default %(default)s; docs/pruning.md)")
+    src.add_argument("--round-to", type=int, default=ROUND_TO_DEFAULT,
+                     help="a budget search keeps pruned widths at multiples of this; 1 = exact channels "
+                          "(default %(default)s)")
     src.add_argument("--plan", default=None, help="apply this plan JSON instead of making one")
     src.add_argument("--independent", action="store_true",
                      help="select each conv alone, ignoring coupling, as HRank does (mask mode only)")
@@ -174,10 +188,17 @@ def run(args: argparse.Namespace) -> int:
         raise HRankError(f"--out {out} is a file, expected a directory")
     if args.plan and (args.ranks or args.compress_rate or args.rates_file or args.rates or args.independent):
         raise HRankError("--plan replaces --ranks/--compress-rate/--rates-file/--rates/--independent; give one way")
+    target = args.target_macs if args.target_macs is not None else args.target_params
+    if args.target_macs is not None and args.target_params is not None:
+        raise HRankError("give --target-macs or --target-params, not both")
+    if target is not None and (args.plan or args.compress_rate or args.rates_file or args.rates or args.independent):
+        raise HRankError("a budget (--target-macs/--target-params) replaces --plan/--compress-rate/--rates-file/"
+                         "--rates/--independent; give one way")
     if args.independent and args.mode == "physical":
         raise HRankError("--independent plans ignore coupling and are only valid with --mode mask")
     arch_spec = models.get_spec(args.model)
     device = resolve_device(args.device)
+    budget = None
 
     model = models.create(args.model, num_classes=args.num_classes)
     ckpt_info: dict[str, Any] = {"normalization": None}
@@ -190,6 +211,18 @@ def run(args: argparse.Namespace) -> int:
         spec = Spec.from_json(plan.spec, model) if plan.spec.get("rates") is not None else None
         if plan.arch and plan.arch != args.model:
             raise HRankError(f"the plan is for {plan.arch}, but --model is {args.model}")
+    elif target is not None:
+        from hrank.budget import find_budget
+
+        scores = _load_scores(args, model)
+        budget = find_budget(model, scores, target=target, metric="macs" if args.target_macs is not None else "params",
+                             max_rate=args.max_rate, order=args.budget_order, round_to=args.round_to, progress=print)
+        spec = budget.spec
+        text = budget.hrank_string()
+        print(f"budget: {flops.format_count(budget.achieved)} {budget.metric} = "
+              f"{budget.achieved / budget.baseline:.1%} of the unpruned model (target "
+              f"{flops.format_count(budget.target)}, off by {budget.error:.2%}); rates: {text or 'see plan.json'}")
+        plan = make_plan(model, scores, spec, criterion=args.criterion, width_rule=args.width_rule)
     else:
         spec = _make_spec(args, model)
         scores = _load_scores(args, model)
@@ -249,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         "after": {"macs": after.macs, "params": after.params},
         "hrank_rule": {k: {"macs": v.macs, "params": v.params} for k, v in rule.items()},
         "accuracy": accuracy,
+        "budget": budget.to_json() if budget is not None else None,
         "layers": [{"layer": m, "channels": g.channels, "kept": g.width, "rate": g.rate, "group": g.members[0]}
                    for g in plan.groups for m in g.members],
         "seconds": round(time.time() - t0, 2),
