@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 _row("cpu", "onnxruntime", batch, name, macs, statistics.median(samples), q[0], q[-1],
                      statistics.median(times["dense"]))
     print("# 'of MAC red.' = measured speed-up / MAC reduction; goal on CPU at batch 128: >= 80% for 'physical'.")
+    print("# channels_last is the layout for CPU inference: in NCHW oneDNN reorders every activation around each "
+          "conv,\n# memory traffic that does not shrink with the MACs (docs/benchmarks.md).")
     print("# mask mode computes the full network (zeros included): no speed-up is expected, and none is measured.")
     return 0
 
