@@ -496,7 +496,8 @@ class Run:
         if "budget" in spec_info:
             b = spec_info["budget"]
             facts["budget"] = (f"target {flops.format_count(b['target'])} {b['metric']}, achieved "
-                               f"{flops.format_count(b['achieved'])} ({b['error']:.2%} off)")
+                               f"{flops.format_count(b['achieved'])} ({b['error']:.2%} off), widths in multiples "
+                               f"of {b.get('round_to', 1)}")
         test_key = "test_top1"
         headline = (f"{c['model']}: {flops.format_count(base['macs'])} -> {flops.format_count(final['macs'])} MACs, "
                     f"test top-1 {base.get(test_key, float('nan')):.2f}% -> {final.get(test_key, float('nan')):.2f}%")

@@ -89,6 +89,7 @@ def test_budget_and_l1_criterion(tiny_cifar, tmp_path):
     assert any("budget:" in line for line in logs)
     budget = json.loads((tmp_path / "out" / "spec.json").read_text())["budget"]
     assert budget["round_to"] == 8  # the default: every pruned group keeps a multiple of 8 channels
+    assert "widths in multiples of 8" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_not_a_run_directory_is_refused(tiny_cifar, tmp_path):
