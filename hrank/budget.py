@@ -65,6 +65,11 @@ class BudgetResult:
         """Relative distance of the achieved count from the target."""
         return abs(self.achieved - self.target) / self.target
 
+    def describe(self) -> str:
+        """One line: what the pruned network counts against the target."""
+        return (f"{flops.format_count(self.achieved)} {self.metric} = {self.achieved / self.baseline:.1%} of the "
+                f"unpruned model (target {flops.format_count(self.target)}, off by {self.error:.2%})")
+
     def hrank_string(self) -> str | None:
         """The rates in HRank's list syntax, or None when the model has no rate-entry order for them."""
         try:

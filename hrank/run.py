@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from hrank import __version__, config, flops, models
+from hrank.budget import BudgetResult, find_budget, parse_target
 from hrank.checkpoint import load as load_model
 from hrank.checkpoint import load_weights
 from hrank.checkpoint import save as save_model
-from hrank.criteria import weight_scores
+from hrank.criteria import l1_scores, weight_scores
 from hrank.data import ImageSet, Normalization, check_cifar, default_data_dir, load_batch_files, load_cifar
 from hrank.errors import HRankError
 from hrank.io import atomic_write_json, atomic_write_text
@@ -114,15 +115,9 @@ class Run:
 
             Spec.from_mapping(model, parse_mapping_string(c["rates"]) if isinstance(c["rates"], str) else c["rates"])
         else:
-            from hrank.budget import find_budget, parse_target
-            from hrank.criteria import l1_scores
-
-            metric = "macs" if c["target_macs"] is not None else "params"
-            target = c["target_macs"] if metric == "macs" else c["target_params"]
-            parse_target(target)
+            parse_target(c["target_macs"] if c["target_macs"] is not None else c["target_params"])
             if not (self.dir / "spec.json").exists():  # a target that cannot be met fails now, not after ranking
-                find_budget(model, l1_scores(model), target=target, metric=metric, max_rate=c["max_rate"],
-                            order=c["budget_order"], round_to=c["round_to"])
+                self._find_budget(model, l1_scores(model))
         if c["ranks"]:
             Ranks.load(c["ranks"], model=model)
         check_cifar(c["data_dir"] or default_data_dir(), c["dataset"], download=c["download"])
@@ -222,14 +217,22 @@ class Run:
         c = flops.count(model, self.input_size)
         return {"macs": c.macs, "params": c.params, "size_bytes": state_dict_bytes(model)}
 
+    def _find_budget(self, model: nn.Module, scores: Any,
+                     progress: Callable[[str], None] | None = None) -> BudgetResult:
+        """The config's MACs or params target turned into rates (``hrank.budget.find_budget``)."""
+        c = self.cfg
+        metric = "macs" if c["target_macs"] is not None else "params"
+        return find_budget(model, scores, target=c[f"target_{metric}"], metric=metric, max_rate=c["max_rate"],
+                           order=c["budget_order"], round_to=c["round_to"], progress=progress)
+
     def _latency(self, named: dict[str, nn.Module]) -> dict[str, dict]:
         """Batch-1 and batched latency of the given models, measured in alternation (same conditions)."""
         out: dict[str, dict] = {name: {} for name in named}
-        named = {k: m.to(self.device).eval() for k, m in named.items()}
         cuda = self.device.type == "cuda"
         layout = self.cfg["latency_layout"]
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        named = {k: copy.deepcopy(m).to(memory_format=fmt) for k, m in named.items()}  # the saved models stay
+        # copies: the layout change must not reach the models the caller holds
+        named = {k: copy.deepcopy(m).to(self.device, memory_format=fmt).eval() for k, m in named.items()}
         for key, batch, repeats in (("latency_b1_ms", 1, 20 if cuda else 10),
                                     ("latency_batch_ms", self.cfg["latency_batch"], 10 if cuda else 3)):
             for name, lat in compare_latency(named, self.input_size, batch, device=self.device, rounds=3,
@@ -299,18 +302,11 @@ class Run:
         scores = Ranks.load(self.dir / "scores.npz", model=model)
         info: dict[str, Any] = {}
         if c["target_macs"] is not None or c["target_params"] is not None:
-            from hrank.budget import find_budget
-
-            metric = "macs" if c["target_macs"] is not None else "params"
-            target = c["target_macs"] if metric == "macs" else c["target_params"]
-            result = find_budget(model, scores, target=target, metric=metric, max_rate=c["max_rate"],
-                                 order=c["budget_order"], round_to=c["round_to"], progress=self.print)
+            result = self._find_budget(model, scores, progress=self.print)
             spec = result.spec
             info["budget"] = result.to_json()
             text = result.hrank_string()
-            self.print(f"budget: {flops.format_count(result.achieved)} {metric} = "
-                       f"{result.achieved / result.baseline:.1%} of the baseline "
-                       f"(target {flops.format_count(result.target)}, off by {result.error:.2%})")
+            self.print(f"budget: {result.describe()}")
             self.print(f"rates found: {text}" if text else "rates found: see spec.json")
         elif c["compress_rate"] is not None:
             spec = Spec.from_string(model, c["compress_rate"])

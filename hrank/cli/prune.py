@@ -219,9 +219,7 @@ def run(args: argparse.Namespace) -> int:
                              max_rate=args.max_rate, order=args.budget_order, round_to=args.round_to, progress=print)
         spec = budget.spec
         text = budget.hrank_string()
-        print(f"budget: {flops.format_count(budget.achieved)} {budget.metric} = "
-              f"{budget.achieved / budget.baseline:.1%} of the unpruned model (target "
-              f"{flops.format_count(budget.target)}, off by {budget.error:.2%}); rates: {text or 'see plan.json'}")
+        print(f"budget: {budget.describe()}; rates: {text or 'see plan.json'}")
         plan = make_plan(model, scores, spec, criterion=args.criterion, width_rule=args.width_rule)
     else:
         spec = _make_spec(args, model)
