@@ -24,18 +24,18 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from hrank import flops, models
 from hrank.budget import find_budget
 from hrank.criteria import random_scores
 from hrank.plan import make_plan
-from hrank.profile import compare_latency
+from hrank.profile import compare_latency, summarise_latency
 from hrank.prune import apply_plan
 from hrank.spec import Spec
 
@@ -112,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         for m in named.values():
             m.to("cpu", memory_format=torch.contiguous_format)
     if args.onnxruntime:
+        sessions = _onnxruntime_sessions({"dense": dense, "physical": pruned})  # dynamic batch axis: export once
         for batch in args.batches:
-            times = _onnxruntime_times({"dense": dense, "physical": pruned}, batch, args)
-            for name, samples in times.items():
-                q = statistics.quantiles(samples, n=10, method="inclusive")
-                _row("cpu", "onnxruntime", batch, name, macs, statistics.median(samples), q[0], q[-1],
-                     statistics.median(times["dense"]))
+            lat = {name: summarise_latency(samples, batch, "cpu")
+                   for name, samples in _onnxruntime_times(sessions, batch, args).items()}
+            for name, stats in lat.items():
+                _row("cpu", "onnxruntime", batch, name, macs, stats.median_ms, stats.p10_ms, stats.p90_ms,
+                     lat["dense"].median_ms)
     print("# 'of MAC red.' = measured speed-up / MAC reduction; goal on CPU at batch 128: >= 80% for 'physical'.")
     print("# channels_last is the layout for CPU inference: in NCHW oneDNN reorders every activation around each "
           "conv,\n# memory traffic that does not shrink with the MACs (docs/benchmarks.md).")
@@ -133,9 +134,8 @@ def _row(device: str, layout: str, batch: int, name: str, macs: dict[str, int], 
           f"{median:>10.2f} {p10:>7.2f}-{p90:<7.2f} {speedup:>7.2f}x {100 * speedup / reduction:>10.0f}%")
 
 
-def _onnxruntime_times(named: dict[str, torch.nn.Module], batch: int, args: argparse.Namespace) -> dict[str, list]:
-    """Milliseconds per run of each model exported to ONNX, onnxruntime sessions timed in alternation."""
-    import numpy as np
+def _onnxruntime_sessions(named: dict[str, torch.nn.Module]) -> dict:
+    """Each model exported to ONNX (checked against PyTorch) and opened as an onnxruntime CPU session."""
     import onnxruntime as ort
 
     from hrank.export import export_onnx
@@ -143,14 +143,19 @@ def _onnxruntime_times(named: dict[str, torch.nn.Module], batch: int, args: argp
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    x = np.random.default_rng(0).standard_normal((batch, *INPUT), dtype=np.float32)
     sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in named.items():
             path = os.path.join(tmp, f"{name}.onnx")
             export_onnx(model, path, INPUT)
             sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    times: dict[str, list] = {name: [] for name in sessions}
+    return sessions
+
+
+def _onnxruntime_times(sessions: dict, batch: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Milliseconds per run of each session, timed in alternation as compare_latency does for PyTorch."""
+    x = np.random.default_rng(0).standard_normal((batch, *INPUT), dtype=np.float32)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(args.repeats):
         for name, sess in sessions.items():
             for _ in range(args.warmup):

@@ -62,7 +62,7 @@ def measure_latency(model: nn.Module, input_size: tuple[int, ...], batch_size: i
                 times.append((time.perf_counter() - t0) * 1000.0)
     finally:
         model.train(was_training)
-    return _summarise(times, batch_size, str(device))
+    return summarise_latency(times, batch_size, str(device))
 
 
 def compare_latency(named: dict[str, nn.Module], input_size: tuple[int, ...], batch_size: int, *,
@@ -75,10 +75,11 @@ def compare_latency(named: dict[str, nn.Module], input_size: tuple[int, ...], ba
         for name, model in named.items():
             samples[name] += measure_latency(model, input_size, batch_size, device=device, warmup=warmup,
                                              repeats=repeats, channels_last=channels_last).samples_ms
-    return {name: _summarise(times, batch_size, str(device)) for name, times in samples.items()}
+    return {name: summarise_latency(times, batch_size, str(device)) for name, times in samples.items()}
 
 
-def _summarise(times: list[float], batch_size: int, device: str) -> Latency:
+def summarise_latency(times: list[float], batch_size: int, device: str) -> Latency:
+    """Median and p10/p90 (inclusive quantiles: never outside the samples) of latencies in milliseconds."""
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return Latency(batch_size, device, statistics.median(times), q[0], q[-1], len(times), list(times))
 
