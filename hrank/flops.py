@@ -1,7 +1,10 @@
 """MACs and parameters measured on the real module, counted the way the pruning literature counts them.
 
-"FLOPs" in HRank and most pruning papers are multiply-accumulates of Conv2d and Linear layers (bias adds,
-BN, activations, pooling and shortcuts are ignored); params exclude normalization layers. ``count``
+"FLOPs" in HRank and most pruning papers are multiply-accumulates of Conv2d, ConvTranspose2d and Linear layers
+(bias adds, BN, activations, pooling and shortcuts are ignored); params exclude normalization layers. A grouped
+conv costs ``C_out * C_in/groups * kh * kw * H_out * W_out``; a transposed conv scatters every input position
+through its kernel, so it costs ``C_in * C_out/groups * kh * kw * H_in * W_in`` (its output size depends on stride,
+padding and output_padding, its work does not). ``count``
 measures any module with forward hooks; ``count_hrank_rule`` reproduces the official HRank counter for a
 masked model, which subtracts only pruned *output* channels.
 """
@@ -19,7 +22,10 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 
 @dataclass
 class LayerCount:
-    """One Conv2d or Linear layer: its widths, MACs for one input and parameters."""
+    """One Conv2d, ConvTranspose2d or Linear layer: its widths, MACs for one input and parameters.
+
+    ``kind`` is ``"conv"``, ``"conv_transpose"`` or ``"linear"``; ``output_hw`` is the conv's output size.
+    """
 
     name: str
     kind: str
@@ -32,7 +38,7 @@ class LayerCount:
 
 @dataclass
 class Counts:
-    """Totals and the per-layer breakdown (Conv2d and Linear, in forward order)."""
+    """Totals and the per-layer breakdown (Conv2d, ConvTranspose2d and Linear, in forward order)."""
 
     macs: int
     params: int
@@ -49,14 +55,21 @@ def _example_input(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tenso
     return torch.zeros(1, *input_size, device=device, dtype=dtype)
 
 
-def _trace_layers(model: nn.Module, input_size: tuple[int, ...]) -> list[tuple[str, nn.Module, torch.Size]]:
-    """Run one forward pass; return (name, module, output shape) for every Conv2d/Linear call."""
-    calls: list[tuple[str, nn.Module, torch.Size]] = []
+_COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+def _trace_layers(model: nn.Module, input_size: tuple[int, ...]
+                  ) -> list[tuple[str, nn.Module, torch.Size, torch.Size]]:
+    """Run one forward pass; return (name, module, input shape, output shape) for every counted layer call.
+
+    A module called twice (shared weights) appears twice: each call costs its MACs.
+    """
+    calls: list[tuple[str, nn.Module, torch.Size, torch.Size]] = []
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, _COUNTED):
             hooks.append(m.register_forward_hook(
-                lambda mod, inp, out, name=name: calls.append((name, mod, out.shape))))
+                lambda mod, inp, out, name=name: calls.append((name, mod, inp[0].shape, out.shape))))
     was_training = model.training
     model.eval()
     try:
@@ -79,17 +92,28 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
+def _conv_macs(m: nn.Conv2d | nn.ConvTranspose2d, in_shape: torch.Size, out_shape: torch.Size,
+               in_channels: int | None = None, out_channels: int | None = None) -> int:
+    """MACs of one conv call for one sample; ``in_channels``/``out_channels`` override the module's widths
+    (HRank's rule counts kept filters on the unpruned model)."""
+    cin = m.in_channels if in_channels is None else in_channels
+    cout = m.out_channels if out_channels is None else out_channels
+    kh, kw = m.kernel_size
+    if isinstance(m, nn.ConvTranspose2d):  # every input position scatters C_out/groups * k^2 products
+        return cin * (cout // m.groups) * kh * kw * int(in_shape[-2]) * int(in_shape[-1])
+    return (cin // m.groups) * cout * kh * kw * int(out_shape[-2]) * int(out_shape[-1])
+
+
 def count(model: nn.Module, input_size: tuple[int, ...] = (3, 32, 32)) -> Counts:
-    """MACs of Conv2d and Linear for one input of ``input_size`` (C, H, W), and params without BN."""
+    """MACs of Conv2d, ConvTranspose2d and Linear for one input of ``input_size`` (C, H, W), and params
+    without normalization layers."""
     layers: list[LayerCount] = []
-    for name, m, shape in _trace_layers(model, input_size):
+    for name, m, in_shape, shape in _trace_layers(model, input_size):
         params = sum(p.numel() for p in m.parameters(recurse=False))
-        if isinstance(m, nn.Conv2d):
-            kh, kw = m.kernel_size
-            spatial = shape[2] * shape[3]
-            macs = (m.in_channels // m.groups) * m.out_channels * kh * kw * spatial
-            layers.append(LayerCount(name, "conv", m.in_channels, m.out_channels, macs, params,
-                                     (int(shape[2]), int(shape[3]))))
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            kind = "conv_transpose" if isinstance(m, nn.ConvTranspose2d) else "conv"
+            layers.append(LayerCount(name, kind, m.in_channels, m.out_channels, _conv_macs(m, in_shape, shape),
+                                     params, (int(shape[-2]), int(shape[-1]))))
         else:
             positions = shape[:-1].numel() // shape[0]
             layers.append(LayerCount(name, "linear", m.in_features, m.out_features,
@@ -122,16 +146,17 @@ def count_hrank_rule(model: nn.Module, pruned: Mapping[str, int],
     if getattr(model, "hrank_arch", "").startswith("densenet"):
         reduction = densenet_input_reduction(model, pruned)
     layers: list[LayerCount] = []
-    for name, m, shape in _trace_layers(model, input_size):
-        if isinstance(m, nn.Conv2d):
+    for name, m, in_shape, shape in _trace_layers(model, input_size):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             kept = m.out_channels - int(pruned.get(name, 0))
-            cin = (m.in_channels - reduction.get(name, 0)) // m.groups
+            cin = m.in_channels - reduction.get(name, 0)
             kh, kw = m.kernel_size
-            per_out = cin * kh * kw
-            macs = per_out * kept * shape[2] * shape[3]
-            params = per_out * kept + (kept if m.bias is not None else 0)
-            layers.append(LayerCount(name, "conv", m.in_channels - reduction.get(name, 0), kept, macs, params,
-                                     (int(shape[2]), int(shape[3]))))
+            macs = _conv_macs(m, in_shape, shape, cin, kept)
+            pairs = cin * (kept // m.groups) if isinstance(m, nn.ConvTranspose2d) else (cin // m.groups) * kept
+            weights = pairs * kh * kw
+            params = weights + (kept if m.bias is not None else 0)
+            kind = "conv_transpose" if isinstance(m, nn.ConvTranspose2d) else "conv"
+            layers.append(LayerCount(name, kind, cin, kept, macs, params, (int(shape[-2]), int(shape[-1]))))
         else:
             n = m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
             layers.append(LayerCount(name, "linear", m.in_features, m.out_features, n, n))

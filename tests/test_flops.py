@@ -80,3 +80,80 @@ def test_count_works_for_models_outside_the_registry():
     assert c.macs == 1 * 4 * 25 * 24 * 24 + 4 * 24 * 24 * 10
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def _reference_macs(net: nn.Module, input_size: tuple[int, ...]) -> int:
+    """MACs from torch's own FlopCounterMode (it reports 2 FLOPs per multiply-accumulate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net.eval()(torch.zeros(1, *input_size))
+    total = counter.get_total_flops()
+    assert total % 2 == 0
+    return total // 2
+
+
+@pytest.mark.parametrize("layer, size", [
+    (nn.Conv2d(8, 12, 3, padding=1, groups=4), (8, 9, 11)),  # grouped
+    (nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8), (8, 16, 15)),  # depthwise, strided
+    (nn.Conv2d(6, 4, (3, 1), dilation=2, bias=False), (6, 10, 7)),  # rectangular, dilated
+    (nn.ConvTranspose2d(8, 12, 3), (8, 5, 6)),
+    (nn.ConvTranspose2d(8, 12, 4, stride=2, padding=1, groups=4), (8, 5, 6)),  # grouped, upsampling
+    (nn.ConvTranspose2d(6, 6, 3, stride=2, padding=1, output_padding=1, groups=6), (6, 7, 7)),  # depthwise
+    (nn.ConvTranspose2d(4, 10, (2, 3), stride=(2, 1), dilation=(1, 2), groups=2, bias=False), (4, 3, 5)),
+])
+def test_conv_macs_match_torch_flop_counter(layer, size):
+    c = flops.count(layer, size)
+    assert c.macs == _reference_macs(layer, size) > 0
+    assert c.params == sum(p.numel() for p in layer.parameters())
+
+
+def test_conv_transpose_macs_formula_and_brute_force():
+    """C_in * C_out/groups * k^2 * H_in * W_in, checked against the multiplications of a loop implementation."""
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2).eval()
+    x = torch.randn(1, 4, 5, 4)
+    c = flops.count(layer, (4, 5, 4))
+    assert c.macs == 4 * (6 // 2) * 9 * 5 * 4
+    assert c.layers[0].kind == "conv_transpose" and c.layers[0].output_hw == (10, 8)
+    # scatter every input pixel through its group's kernel, counting multiplications (cropped ones included)
+    w, (cin, cout_g), muls = layer.weight.detach(), layer.weight.shape[:2], 0
+    full = torch.zeros(1, 6, (5 - 1) * 2 + 3 + 1, (4 - 1) * 2 + 3 + 1)
+    for ci in range(cin):
+        g = ci // (cin // 2)
+        for y in range(5):
+            for xx in range(4):
+                for co in range(cout_g):
+                    for ky in range(3):
+                        for kx in range(3):
+                            full[0, g * cout_g + co, y * 2 + ky, xx * 2 + kx] += x[0, ci, y, xx] * w[ci, co, ky, kx]
+                            muls += 1
+    out = full[:, :, 1:1 + 10, 1:1 + 8] + layer.bias.detach().view(1, -1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
+    assert muls == c.macs
+
+
+def test_mixed_network_matches_torch_flop_counter():
+    """A decoder-style net: grouped and depthwise convs, transposed convs and Linear, all counted."""
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 32, 1, groups=4),
+                        nn.ConvTranspose2d(32, 8, 2, stride=2), nn.BatchNorm2d(8),
+                        nn.ConvTranspose2d(8, 8, 3, padding=1, groups=8), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                        nn.Linear(32, 5))
+    c = flops.count(net, (3, 20, 24))
+    assert c.macs == _reference_macs(net, (3, 20, 24))
+    assert [layer.kind for layer in c.layers] == ["conv", "conv", "conv", "conv_transpose", "conv_transpose", "linear"]
+    bn = sum(p.numel() for m in net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
+    assert c.params == sum(p.numel() for p in net.parameters()) - bn
+
+
+def test_hrank_rule_counts_kept_filters_of_transposed_convs():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2))
+    got = flops.count_hrank_rule(net, {"0": 2, "1": 2}, (3, 4, 4))
+    conv, tconv = got.layers
+    assert (conv.macs, conv.params) == (3 * 6 * 9 * 16, 3 * 6 * 9 + 6)
+    assert (tconv.macs, tconv.params) == (8 * 2 * 4 * 16, 8 * 2 * 4 + 4)
+    # nothing pruned: the rule equals the plain count
+    assert flops.count_hrank_rule(net, {}, (3, 4, 4)).macs == flops.count(net, (3, 4, 4)).macs
