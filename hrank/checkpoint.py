@@ -6,12 +6,18 @@ string: architecture, num_classes, normalization, mode, the plan, user extras, h
 rebuilds the unpruned model from the registry (or a user ``builder``), replays the plan and loads the
 weights strictly, so the round trip gives bit-identical outputs. Training checkpoints embed :func:`model_record`
 (metadata; ``weights=True`` adds the state_dict) and rebuild with :func:`build_from_record`.
+
+The record also keeps the state_dict's per-module metadata (``state_dict()._metadata``: prefix ->
+``{"version": n}``) as ``state_metadata``, and loading hands it back to ``load_state_dict``: modules whose
+``_load_from_state_dict`` checks its version (torchvision's MNASNet, BatchNorm's counters) see the version they
+were saved with. Files written before it existed load as before (without versions).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,7 @@ from hrank.data import Normalization
 from hrank.errors import HRankError
 from hrank.io import atomic_torch_save, load_torch_file
 
-__all__ = ["save", "load", "model_record", "build_from_record", "read_record", "FORMAT"]
+__all__ = ["save", "load", "model_record", "build_from_record", "read_record", "load_state", "state_metadata", "FORMAT"]
 
 FORMAT = "hrank.model"
 VERSION = 1
@@ -42,6 +48,51 @@ def _num_classes(model: nn.Module) -> int | None:
     return linears[-1].out_features if linears else None
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def state_metadata(state: Mapping[str, Any] | nn.Module) -> dict[str, dict[str, Any]]:
+    """The JSON-able part of a state_dict's per-module metadata: prefix -> ``{"version": n, ...}``.
+
+    ``state`` is a module or a state_dict (an ``OrderedDict`` carrying ``_metadata``; a plain dict has none,
+    giving ``{}``). Only plain scalar values are kept: they are what ``_load_from_state_dict`` implementations
+    read, and the record must stay JSON.
+    """
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    meta = getattr(state, "_metadata", None) or {}
+    return {str(prefix): {str(k): v for k, v in entry.items() if isinstance(v, _PLAIN)}
+            for prefix, entry in meta.items() if isinstance(entry, Mapping)}
+
+
+def _with_metadata(state: Mapping[str, torch.Tensor], metadata: Mapping[str, Mapping[str, Any]]
+                   ) -> OrderedDict[str, torch.Tensor]:
+    sd: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+    sd._metadata = OrderedDict((p, dict(e)) for p, e in metadata.items())  # type: ignore[attr-defined]
+    return sd
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor],
+               metadata: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Load ``state`` into ``model`` strictly, with module versions from ``metadata``.
+
+    ``metadata`` defaults to the ``_metadata`` the state_dict carries (an ``OrderedDict`` from
+    ``model.state_dict()`` or ``torch.load`` keeps it). When keys and shapes match the model exactly the state is
+    loaded with that metadata; otherwise (or without any metadata: files from older hrank)
+    :func:`hrank.models.load_checkpoint` loads it, which maps classifier names and raises a one-line
+    :class:`HRankError` naming missing, unexpected and mismatched entries.
+    """
+    if metadata is None:
+        metadata = state_metadata(state) or None
+    own = model.state_dict()
+    exact = set(state) == set(own) and all(
+        isinstance(state[k], torch.Tensor) and state[k].shape == own[k].shape for k in own)
+    if metadata is None or not exact:
+        models.load_checkpoint(model, dict(state))
+        return
+    model.load_state_dict(_with_metadata(state, metadata), strict=True)
+
+
 def model_record(model: nn.Module, *, plan: Any = None, arch: str | None = None, num_classes: int | None = None,
                  normalization: Normalization | str | dict | None = None, extra: Mapping | None = None,
                  weights: bool = False) -> dict:
@@ -50,7 +101,9 @@ def model_record(model: nn.Module, *, plan: Any = None, arch: str | None = None,
     code; ``torch.load(weights_only=True)`` reads a checkpoint embedding it.
 
     Defaults come from the model: ``model.hrank_plan``, ``model.hrank_mode``, ``model.hrank_arch`` and the
-    width of its last Linear layer. ``extra`` must be JSON-serialisable (it is stored as JSON).
+    width of its last Linear layer. ``extra`` must be JSON-serialisable (it is stored as JSON). The module
+    versions of the state_dict (:func:`state_metadata`) are recorded as ``state_metadata``, so that weights
+    stored next to the record load the way they were saved.
     """
     model = _unwrap(model)
     plan = plan if plan is not None else getattr(model, "hrank_plan", None)
@@ -63,6 +116,7 @@ def model_record(model: nn.Module, *, plan: Any = None, arch: str | None = None,
         "normalization": norm, "mode": mode,
         "plan": plan.to_json() if plan is not None else None,
         "extra": dict(extra) if extra is not None else {},
+        "state_metadata": state_metadata(model),
     }
     try:
         json.dumps(record)
@@ -78,7 +132,8 @@ def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module
 
     The unpruned model comes from the registry (``record["arch"]``) or from ``builder()`` (a zero-argument
     callable, e.g. ``functools.partial(MyNet, num_classes=10)``) for models outside it; then the plan is
-    replayed in the recorded mode and ``record["state_dict"]`` (if any) is loaded.
+    replayed in the recorded mode and ``record["state_dict"]`` (if any) is loaded with the recorded module
+    versions (``record["state_metadata"]``; records without it load as before).
     """
     from hrank.plan import Plan
     from hrank.prune import apply_plan, enforce_masks
@@ -101,7 +156,7 @@ def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module
     if record.get("plan") is not None:
         apply_plan(model, Plan.from_json(record["plan"]), mode=record.get("mode") or "physical")
     if record.get("state_dict") is not None:
-        models.load_checkpoint(model, record["state_dict"])
+        load_state(model, record["state_dict"], record.get("state_metadata"))
         enforce_masks(model)
     return model
 
