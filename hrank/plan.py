@@ -19,6 +19,7 @@ Ties are broken by a stable sort: among equal scores the lower channel index is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,10 +33,12 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from hrank import __version__, models
 from hrank.errors import HRankError
 from hrank.io import atomic_write_json
+from hrank.layers import CONV_TYPES, conv_names, is_conv, is_grouped
 from hrank.models.base import ChannelPadShortcut
 from hrank.spec import Spec, num_pruned
 
@@ -98,15 +101,61 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     return torch.zeros(1, *models.get_spec(arch).input_size, device=device)
 
 
+_INDEX_UPDATES = ("update_concat_index_mapping", "update_split_index_mapping", "update_reshape_index_mapping",
+                  "update_unbind_index_mapping", "update_expand_index_mapping", "update_slice_index_mapping")
+
+
+@contextlib.contextmanager
+def _guarded_index_mapping(opaque: set):
+    """Torch-Pruning's index-mapping updates, each guarded: a node whose update fails (a channel shuffle's
+    reshape divides by zero in 1.6.1) is recorded as opaque instead of aborting the whole trace."""
+    saved = {name: getattr(tp_index_mapping, name) for name in _INDEX_UPDATES if hasattr(tp_index_mapping, name)}
+
+    def guard(fn):
+        def update(graph, node):
+            try:
+                fn(graph, node)
+            except Exception:
+                opaque.add(node)
+        return update
+
+    for name, fn in saved.items():
+        setattr(tp_index_mapping, name, guard(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(tp_index_mapping, name, fn)
+
+
+def _opaque_reshapes(graph: tp.DependencyGraph) -> set:
+    """Reshape nodes whose input has more than 4 dims: a view back from (N, g, C/g, H, W) is a channel shuffle,
+    which Torch-Pruning maps as the identity (wrong); groups through them must not be pruned."""
+    out = set()
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.RESHAPE or node.grad_fn is None:
+            continue
+        sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None) or getattr(node.grad_fn, "_saved_self_sizes", None)
+        if sizes is not None and len(sizes) > 4:
+            out.add(node)
+    return out
+
+
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> tp.DependencyGraph:
-    """Trace ``model`` with Torch-Pruning (grad on, model mode restored afterwards); errors become one line."""
+    """Trace ``model`` with Torch-Pruning (grad on, model mode restored afterwards); errors become one line.
+
+    The graph carries ``hrank_opaque``: nodes whose channel mapping hrank cannot trust (see
+    :func:`find_groups`); groups through them are reported as not prunable instead of crashing or,
+    worse, being pruned with the wrong channels.
+    """
     x = default_example_input(model) if example_input is None else example_input
     if x.is_floating_point() and not any(p.requires_grad for p in model.parameters()):
         x = x.detach().clone().requires_grad_(True)  # a frozen model still builds an autograd graph
     was_training = model.training
+    opaque: set = set()
     try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
+        with torch.enable_grad(), _guarded_index_mapping(opaque):
+            graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=x, customized_pruners={ChannelPadShortcut: ShortcutPruner()}, verbose=False)
     except HRankError:
         raise
@@ -115,16 +164,23 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None 
                          f"check that example_input fits the model") from None
     finally:
         model.train(was_training)  # build_dependency calls eval() and leaves it so
+    graph.hrank_opaque = opaque | _opaque_reshapes(graph)
+    return graph
 
 
 @dataclass(frozen=True)
 class Group:
-    """Convs whose output channels are coupled (one kept set), their width, and whether hrank can prune them."""
+    """Convs whose output channels are coupled (one kept set), their width, and whether hrank can prune them.
+
+    ``blocks`` > 1: a grouped conv writes or reads these channels in that many equal blocks; every block
+    must keep the same number of channels (chosen within the block).
+    """
 
     members: tuple[str, ...]
     channels: int
     prunable: bool = True
     reason: str = ""
+    blocks: int = 1
 
 
 def _module_names(model: nn.Module) -> dict[nn.Module, str]:
@@ -134,38 +190,80 @@ def _module_names(model: nn.Module) -> dict[nn.Module, str]:
     return names
 
 
-def _group_of(graph: tp.DependencyGraph, conv: nn.Conv2d, idxs: Sequence[int]):
+def _group_of(graph: tp.DependencyGraph, conv: nn.Module, idxs: Sequence[int]):
     try:
         return graph.get_pruning_group(conv, tp.prune_conv_out_channels, list(idxs))
     except Exception as e:
         raise HRankError(f"dependency analysis failed ({_first_line(e)})") from None
 
 
-def _describe_group(graph: tp.DependencyGraph, conv: nn.Conv2d, names: dict[nn.Module, str],
+def _node_label(node: Any, names: dict[nn.Module, str]) -> str:
+    module = node.module
+    if isinstance(module, nn.Module) and module in names:
+        return f"{names[module]} ({type(module).__name__})"
+    grad_fn = getattr(node, "grad_fn", None)
+    return type(grad_fn).__name__.replace("Backward0", "").lower() if grad_fn is not None else str(node.name)
+
+
+def _conv_constraints(module: nn.Module, name: str, out_side: bool, identity: bool, channels: int
+                      ) -> tuple[int, str | None]:
+    """(blocks, reason) that a conv reading (``out_side`` False) or writing these channels imposes."""
+    if not isinstance(module, CONV_TYPES):
+        return 1, f"{name} is a {type(module).__name__} (only Conv2d and ConvTranspose2d are supported)"
+    if module.groups > 1 and module.groups == module.out_channels and module.in_channels != module.out_channels:
+        return 1, f"conv {name} has groups == out_channels but in_channels != out_channels"
+    if not is_grouped(module):
+        return 1, None
+    if module.transposed:
+        return 1, f"grouped ConvTranspose2d {name} (groups={module.groups}) is not supported"
+    width = module.out_channels if out_side else module.in_channels
+    if not identity or width != channels:
+        return 1, f"grouped conv {name} (groups={module.groups}) reaches these channels through a re-mapping"
+    if width // module.groups <= 1:
+        return 1, f"grouped conv {name} (groups={module.groups}) {'writes' if out_side else 'reads'} these " \
+                  f"channels one per group"
+    return module.groups, None
+
+
+def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.Module, str],
                     order: Callable[[str], int]) -> Group:
-    """Members and prunability of the group rooted at ``conv`` (all its channels)."""
+    """Members, block structure and prunability of the group rooted at ``conv`` (all its channels)."""
     group = _group_of(graph, conv, range(conv.out_channels))
-    members: list[nn.Conv2d] = []
+    members: list[nn.Module] = []
     reasons: list[str] = []
+    blocks = 1
+    opaque = getattr(graph, "hrank_opaque", set())
     for item in group:
         target, handler = item.dep.target, item.dep.handler
         module = target.module
+        if target in opaque:
+            reasons.append(f"its channels pass {_node_label(target, names)}, a reshape hrank cannot map "
+                           f"(e.g. a channel shuffle)")
         if target.type == tp.ops.OPTYPE.OUTPUT or (not target.outputs and graph.is_out_channel_pruning_fn(handler)):
             reasons.append("its channels are an output of the network")
         if not isinstance(module, nn.Module):
             continue
-        if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.Conv2d):
-            reasons.append(f"{names.get(module, '?')} is a {type(module).__name__} (only Conv2d is supported)")
+        name = names.get(module, "?")
+        if isinstance(module, nn.GroupNorm):
+            reasons.append(f"GroupNorm {name} normalizes across these channels")
             continue
-        if not isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+            reasons.append(f"LayerNorm {name} normalizes over {tuple(module.normalized_shape)}, not channels alone")
             continue
-        if graph.is_out_channel_pruning_fn(handler):
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        out_side = graph.is_out_channel_pruning_fn(handler)
+        identity = list(item.idxs) == list(item.root_idxs)
+        b, why = _conv_constraints(module, name, out_side, identity, conv.out_channels)
+        if why:
+            reasons.append(why)
+            continue
+        blocks = math.lcm(blocks, b)
+        if out_side:
             if module not in members:
                 members.append(module)
-            if list(item.idxs) != list(item.root_idxs):
-                reasons.append(f"{names.get(module, '?')} reaches the group through a channel re-mapping")
-        elif module.groups > 1 and not (module.groups == module.in_channels == module.out_channels):
-            reasons.append(f"grouped conv {names.get(module, '?')} (groups={module.groups}) reads these channels")
+            if not identity:
+                reasons.append(f"{name} reaches the group through a channel re-mapping")
     member_names = sorted((names[m] for m in members), key=order)
     widths = {m.out_channels for m in members}
     if len(widths) > 1:
@@ -173,7 +271,10 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Conv2d, names: dict[nn.M
         reasons.append(f"convs of different widths were found coupled ({listing}); a channel-changing op that "
                        f"the tracer cannot see (e.g. F.pad on channels, an option-A shortcut written as a "
                        f"lambda) is the usual cause: use hrank.models.ChannelPadShortcut")
-    return Group(tuple(member_names), conv.out_channels, not reasons, "; ".join(dict.fromkeys(reasons)))
+    if blocks > 1 and conv.out_channels % blocks:
+        reasons.append(f"grouped convs split these {conv.out_channels} channels into {blocks} blocks unevenly")
+    return Group(tuple(member_names), conv.out_channels, not reasons, "; ".join(dict.fromkeys(reasons)),
+                 blocks if not reasons else 1)
 
 
 def _order_key(model: nn.Module) -> Callable[[str], int]:
@@ -184,11 +285,13 @@ def _order_key(model: nn.Module) -> Callable[[str], int]:
 
 def find_groups(model: nn.Module, example_input: torch.Tensor | None = None, *,
                 graph: tp.DependencyGraph | None = None) -> list[Group]:
-    """All coupled groups of the model's Conv2d output channels, in module order.
+    """All coupled groups of the model's conv output channels (Conv2d, ConvTranspose2d), in module order.
 
-    Every Conv2d that runs in the forward pass belongs to exactly one group (most are alone). A group is
-    marked not prunable (with the reason) when its channels reach the network output, pass through a
-    grouped (non-depthwise) conv, or couple convs of different widths (a tracing failure).
+    Every conv that runs in the forward pass belongs to exactly one group (most are alone). A group is
+    marked not prunable (with the reason) when its channels reach the network output, pass a reshape
+    hrank cannot map (a channel shuffle), a GroupNorm or a LayerNorm over more than channels, a grouped
+    conv through a re-mapping, or couple convs of different widths (a tracing failure). Grouped convs
+    (ResNeXt, RegNet) give the group ``blocks``: every block keeps the same number of channels.
     """
     graph = graph if graph is not None else build_dependency_graph(model, example_input)
     names = _module_names(model)
@@ -196,7 +299,7 @@ def find_groups(model: nn.Module, example_input: torch.Tensor | None = None, *,
     assigned: set[str] = set()
     groups = []
     for name, m in model.named_modules():
-        if not isinstance(m, nn.Conv2d) or name in assigned or m not in graph.module2node:
+        if not is_conv(m) or name in assigned or m not in graph.module2node:
             continue
         g = _describe_group(graph, m, names, order)
         if name not in g.members:  # defensive: the root must be one of its own members
@@ -238,19 +341,28 @@ class PlanGroup:
     channels: int
     rate: float
     kept: list[int]
+    blocks: int = 1
 
     @property
     def width(self) -> int:
         return len(self.kept)
 
     def to_json(self) -> dict:
-        return {"members": list(self.members), "channels": self.channels, "rate": self.rate,
-                "width": self.width, "kept": list(self.kept)}
+        d = {"members": list(self.members), "channels": self.channels, "rate": self.rate,
+             "width": self.width, "kept": list(self.kept)}
+        if self.blocks > 1:
+            d["blocks"] = self.blocks
+        return d
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> PlanGroup:
         return PlanGroup([str(m) for m in d["members"]], int(d["channels"]), float(d["rate"]),
-                         [int(i) for i in d["kept"]])
+                         [int(i) for i in d["kept"]], int(d.get("blocks", 1)))
+
+    def block_counts(self) -> list[int]:
+        """Channels kept in each of the group's ``blocks`` equal blocks."""
+        size = self.channels // self.blocks
+        return [sum(1 for i in self.kept if i // size == b) for b in range(self.blocks)]
 
 
 @dataclass
@@ -258,7 +370,8 @@ class Plan:
     """Kept output channels per conv (indices into the *unpruned* conv), grouped by coupling; JSON-ready.
 
     ``coupling`` is ``"groups"`` (dependency-consistent; physical or mask) or ``"independent"`` (each conv
-    alone, as HRank's masks; mask mode only).
+    alone, as HRank's masks; mask mode only). ``skipped`` lists the convs the spec rated that stay unpruned,
+    each with the reason (``{"conv": ..., "reason": ...}``).
     """
 
     arch: str | None
@@ -273,6 +386,7 @@ class Plan:
     scores_digest: str | None = None
     hrank_version: str = __version__
     meta: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
 
     @property
     def layers(self) -> dict[str, list[int]]:
@@ -296,6 +410,7 @@ class Plan:
             "scores_fingerprint": self.scores_fingerprint, "scores_digest": self.scores_digest,
             "spec": self.spec, "meta": self.meta,
             "groups": [g.to_json() for g in self.groups],
+            "skipped": [dict(s) for s in self.skipped],
             "layers": self.layers,
         }
 
@@ -311,7 +426,8 @@ class Plan:
                         str(d.get("criterion", "hrank")), str(d["coupling"]), str(d.get("width_rule", "mean")),
                         dict(d.get("spec") or {}), [PlanGroup.from_json(g) for g in d["groups"]],
                         d.get("scores_fingerprint"), d.get("scores_digest"),
-                        str(d.get("hrank_version", "")), dict(d.get("meta") or {}))
+                        str(d.get("hrank_version", "")), dict(d.get("meta") or {}),
+                        [{"conv": str(s["conv"]), "reason": str(s["reason"])} for s in d.get("skipped") or []])
         except (KeyError, TypeError, ValueError) as e:
             raise HRankError(f"malformed plan: {_first_line(e)}") from None
         if plan.coupling not in ("groups", "independent"):
@@ -319,6 +435,9 @@ class Plan:
         for g in plan.groups:
             if len(set(g.kept)) != len(g.kept) or any(not 0 <= i < g.channels for i in g.kept) or not g.kept:
                 raise HRankError(f"malformed plan: group {g.members[0]} keeps invalid channels")
+            if g.blocks < 1 or g.channels % g.blocks or len(set(g.block_counts())) != 1:
+                raise HRankError(f"malformed plan: group {g.members[0]} keeps unequal channels in its "
+                                 f"{g.blocks} blocks")
         return plan
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -338,11 +457,19 @@ class Plan:
         return Plan.from_json(data)
 
     def summary(self) -> str:
-        """One line: coupling, groups pruned, channels kept."""
+        """One line: coupling, groups pruned, channels kept, convs skipped."""
         total = sum(g.channels * len(g.members) for g in self.groups)
         kept = sum(g.width * len(g.members) for g in self.groups)
+        skipped = f", {len(self.skipped)} rated conv(s) skipped" if self.skipped else ""
         return (f"{self.coupling} plan for {self.arch or 'a custom model'}: {len(self.pruned_groups())} of "
-                f"{len(self.groups)} groups pruned, {kept}/{total} conv filters kept")
+                f"{len(self.groups)} groups pruned, {kept}/{total} conv filters kept{skipped}")
+
+    def skipped_lines(self, limit: int | None = None) -> list[str]:
+        """``conv: reason`` for every skipped conv (the first ``limit``, then a count)."""
+        rows = [f"{s['conv']}: {s['reason']}" for s in self.skipped]
+        if limit is not None and len(rows) > limit:
+            rows = rows[:limit] + [f"... and {len(rows) - limit} more"]
+        return rows
 
 
 def _unpack_scores(scores_or_ranks: Any) -> tuple[dict[str, np.ndarray], str | None, str | None]:
@@ -379,17 +506,27 @@ def _checked_scores(raw: Mapping[str, Any], channels: Mapping[str, int], label: 
 
 
 def _select_for_group(members: Sequence[str], channels: int, rate: float, scores: Mapping[str, np.ndarray],
-                      what: str) -> list[int]:
+                      what: str, blocks: int = 1) -> list[int] | None:
+    """Kept channels of one group (None: the rate prunes something but no member has scores).
+
+    With ``blocks`` > 1 the ``int(rate * C)`` filters are rounded down to a multiple of ``blocks`` and each
+    block drops the same number, its lowest-scored channels (scores are compared within a block).
+    """
     n = num_pruned(rate, channels)
     if n >= channels:
         raise HRankError(f"{what} would lose all {channels} channels (rate {rate:g}); lower the rates")
-    if n == 0:
+    per_block = n // blocks
+    if per_block == 0:
         return list(range(channels))
     scored = [scores[m] for m in members if m in scores]
     if not scored:
-        raise HRankError(f"no scores for {what} (rate {rate:g} needs scores for at least one of "
-                         f"{', '.join(members[:4])})")
-    return select_kept(np.mean(np.stack(scored), axis=0), n)
+        return None
+    mean = np.mean(np.stack(scored), axis=0)
+    size = channels // blocks
+    kept: list[int] = []
+    for b in range(blocks):
+        kept += [b * size + i for i in select_kept(mean[b * size:(b + 1) * size], per_block)]
+    return kept
 
 
 def make_plan(model: nn.Module, scores_or_ranks: Any, spec: Spec | str | Mapping[str, float], *,
@@ -402,6 +539,10 @@ def make_plan(model: nn.Module, scores_or_ranks: Any, spec: Spec | str | Mapping
     mean of its members' scores, with the group's rate from ``width_rule`` over the rates its members have
     in the spec (members the spec does not name do not vote). ``coupling="independent"`` selects every
     conv alone, as HRank's masks do; such a plan is only valid in mask mode. The model is not modified.
+
+    Partial specs: a group the spec reaches only through patterns is skipped (left whole, listed in
+    ``plan.skipped`` with the reason) when it cannot be pruned, has no scores, contains a conv the spec
+    ignores, or does not run; a conv the spec names exactly is an error in those cases instead.
     """
     if coupling not in ("groups", "independent"):
         raise HRankError(f"unknown coupling {coupling!r}; choose groups or independent")
@@ -417,13 +558,19 @@ def make_plan(model: nn.Module, scores_or_ranks: Any, spec: Spec | str | Mapping
     spec = Spec.from_any(model, spec)
     if spec.arch and arch and spec.arch != arch:
         raise HRankError(f"the spec is for {spec.arch}, but the model is {arch}")
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    channels = {n: m.out_channels for n, m in convs.items()}
+    channels = conv_names(model)
     for conv in spec.rates:
         if conv not in channels:
             raise HRankError(f"spec names layer {conv!r}, which {label} does not have")
     scores = _checked_scores(raw_scores, channels, label)
     x = default_example_input(model) if example_input is None else example_input
+    skipped: list[dict] = []
+
+    def skip_or_fail(convs: Sequence[str], reason: str, what: str) -> None:
+        named = [c for c in convs if c in spec.exact]
+        if named:
+            raise HRankError(f"cannot prune {what}: {reason}")
+        skipped.extend({"conv": c, "reason": reason} for c in convs)
 
     plan_groups: list[PlanGroup] = []
     if coupling == "independent":
@@ -431,27 +578,42 @@ def make_plan(model: nn.Module, scores_or_ranks: Any, spec: Spec | str | Mapping
         for conv in sorted(spec.rates, key=order):
             rate = spec.rates[conv]
             kept = _select_for_group([conv], channels[conv], rate, scores, f"layer {conv}")
+            if kept is None:
+                skip_or_fail([conv], "no scores for its filters (no rank point)", conv)
+                kept = list(range(channels[conv]))
             plan_groups.append(PlanGroup([conv], channels[conv], rate, kept))
     else:
         found = list(groups) if groups is not None else find_groups(model, x)
         covered = {m for g in found for m in g.members}
         for conv in spec.rates:
-            if conv not in covered:
-                raise HRankError(f"layer {conv} does not run in the forward pass of {label}; it cannot be pruned")
+            if conv not in covered and num_pruned(spec.rates[conv], channels[conv]) > 0:
+                skip_or_fail([conv], "does not run in the forward pass", conv)
         rule = WIDTH_RULES[width_rule]
         for g in found:
-            rated = [spec.rates[m] for m in g.members if m in spec.rates]
+            rated = [m for m in g.members if m in spec.rates]
             if not rated:
                 continue
-            rate = rule(rated)
+            rate = rule([spec.rates[m] for m in rated])
             what = f"group {g.members[0]}" + (f" (+{len(g.members) - 1} coupled)" if len(g.members) > 1 else "")
-            if not g.prunable:
-                if num_pruned(rate, g.channels) > 0:
-                    raise HRankError(f"cannot prune {what}: {g.reason}")
-                plan_groups.append(PlanGroup(list(g.members), g.channels, rate, list(range(g.channels))))
+            whole = PlanGroup(list(g.members), g.channels, rate, list(range(g.channels)))
+            if num_pruned(rate, g.channels) == 0:
+                plan_groups.append(whole)
                 continue
-            kept = _select_for_group(g.members, g.channels, rate, scores, what)
-            plan_groups.append(PlanGroup(list(g.members), g.channels, rate, kept))
+            ignored = [m for m in g.members if m in spec.ignored]
+            if ignored:
+                reason = "ignored" if set(ignored) >= set(rated) else f"coupled with ignored {ignored[0]}"
+                skip_or_fail(rated, reason, what)
+                plan_groups.append(whole)
+                continue
+            if not g.prunable:
+                skip_or_fail(rated, g.reason, what)
+                plan_groups.append(whole)
+                continue
+            kept = _select_for_group(g.members, g.channels, rate, scores, what, g.blocks)
+            if kept is None:
+                skip_or_fail(rated, "no scores for its filters (no rank point)", what)
+                kept = whole.kept
+            plan_groups.append(PlanGroup(list(g.members), g.channels, rate, kept, g.blocks))
 
     num_classes = None
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -459,4 +621,4 @@ def make_plan(model: nn.Module, scores_or_ranks: Any, spec: Spec | str | Mapping
         num_classes = linears[-1].out_features
     used = {m for g in plan_groups for m in g.members if m in scores}
     return Plan(arch, num_classes, list(x.shape[1:]), criterion, coupling, width_rule, spec.to_json(), plan_groups,
-                fingerprint, _scores_digest({k: scores[k] for k in used}))
+                fingerprint, _scores_digest({k: scores[k] for k in used}), skipped=skipped)

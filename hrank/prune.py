@@ -13,16 +13,24 @@ official code co-masks). :func:`enforce_masks` re-applies the masks after each o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+import dataclasses
+import math
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 from hrank import flops, models
 from hrank.errors import HRankError
-from hrank.plan import Plan, build_dependency_graph, find_groups
+from hrank.layers import is_conv, is_grouped
+from hrank.models.base import ChannelPadShortcut
+from hrank.plan import Plan, PlanGroup, build_dependency_graph, find_groups
 from hrank.spec import Spec
 
 __all__ = ["apply_plan", "enforce_masks", "recalibrate_bn", "hrank_rule_counts", "layer_widths", "save", "load",
@@ -47,7 +55,7 @@ def _example_input(model: nn.Module, plan: Plan, example_input: torch.Tensor | N
     return torch.zeros(1, *plan.input_size, device=device, dtype=dtype)
 
 
-def _check_fits(model: nn.Module, plan: Plan, mode: str) -> dict[str, nn.Conv2d]:
+def _check_fits(model: nn.Module, plan: Plan, mode: str) -> dict[str, nn.Module]:
     """The plan must be for this (unpruned) model: same arch, every planned conv present at full width."""
     if mode not in MODES:
         raise HRankError(f"unknown mode {mode!r}; choose physical or mask")
@@ -60,7 +68,7 @@ def _check_fits(model: nn.Module, plan: Plan, mode: str) -> dict[str, nn.Conv2d]
     convs = {}
     for name, channels in plan.channels.items():
         m = modules.get(name)
-        if not isinstance(m, nn.Conv2d):
+        if not is_conv(m):
             raise HRankError(f"the plan names conv {name!r}, which this model does not have (plan for another model?)")
         if m.out_channels != channels:
             raise HRankError(f"the plan expects {channels} filters in {name}, the model has {m.out_channels} "
@@ -72,13 +80,22 @@ def _check_fits(model: nn.Module, plan: Plan, mode: str) -> dict[str, nn.Conv2d]
     return convs
 
 
-def _output_shape(model: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _outputs(o)]
+    return []
+
+
+def _output_shape(model: nn.Module, x: torch.Tensor) -> tuple[tuple[int, ...], ...]:
     with torch.no_grad():
-        out = model(x)
-    return tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+        return tuple(tuple(t.shape) for t in _outputs(model(x)))
 
 
-def _forward_check(model: nn.Module, plan: Plan, x: torch.Tensor, expected_out: tuple[int, ...]) -> None:
+def _forward_check(model: nn.Module, plan: Plan, x: torch.Tensor, expected_out: tuple) -> None:
     """Run the pruned model once; every planned conv must produce exactly its planned width."""
     modules = dict(model.named_modules())
     seen: dict[str, int] = {}
@@ -92,16 +109,30 @@ def _forward_check(model: nn.Module, plan: Plan, x: torch.Tensor, expected_out: 
     finally:
         for h in hooks:
             h.remove()
-    if expected_out and shape != expected_out:
+    if shape != expected_out:
         raise HRankError(f"the pruned model's output shape {shape} differs from the original {expected_out}")
     for name, kept in plan.layers.items():
-        weight_width = modules[name].weight.shape[0]
-        if seen.get(name) != len(kept) or weight_width != len(kept):
-            raise HRankError(f"forward check: {name} has {seen.get(name, weight_width)} output channels, the plan "
+        width = modules[name].out_channels
+        if seen.get(name, width) != len(kept) or width != len(kept):
+            raise HRankError(f"forward check: {name} has {seen.get(name, width)} output channels, the plan "
                              f"keeps {len(kept)}")
 
 
-def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: dict[str, nn.Conv2d]) -> None:
+def _grouped_in_weight(weight: torch.Tensor, groups: int, drop: Sequence[int]) -> torch.Tensor:
+    """A grouped conv's weight (out, in/g, kh, kw) without the input channels ``drop`` (indices into the
+    conv's input): each output row keeps the columns of its own input block. Torch-Pruning 1.6.1 slices
+    the same columns from every row, which is right only when every block loses the same positions."""
+    out, per = weight.shape[0], weight.shape[1]
+    dropped = set(int(i) for i in drop)
+    keep = [[p for p in range(per) if b * per + p not in dropped] for b in range(groups)]
+    if len({len(k) for k in keep}) != 1:
+        raise HRankError(f"a grouped conv (groups={groups}) would keep unequal input channels per group")
+    rows = torch.tensor([keep[o // (out // groups)] for o in range(out)], dtype=torch.long, device=weight.device)
+    index = rows[:, :, None, None].expand(-1, -1, weight.shape[2], weight.shape[3])
+    return torch.gather(weight.detach(), 1, index)
+
+
+def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: dict[str, nn.Module]) -> None:
     found = {m: g for g in find_groups(model, graph=graph) for m in g.members}
     present = {name: list(range(conv.out_channels)) for name, conv in convs.items()}
     for pg in plan.pruned_groups():
@@ -112,13 +143,22 @@ def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, con
                              f"(plan for another model?)")
         if not g.prunable:
             raise HRankError(f"cannot prune group {pg.members[0]}: {g.reason}")
+        if g.blocks != pg.blocks:
+            raise HRankError(f"the plan splits group {pg.members[0]} into {pg.blocks} blocks, this model into "
+                             f"{g.blocks} (plan for another model?)")
         root = pg.members[0]
         kept = set(pg.kept)
         # plan indices refer to the unpruned conv; translate them to the conv's current positions
         positions = [i for i, c in enumerate(present[root]) if c not in kept]
         try:
             group = graph.get_pruning_group(convs[root], tp.prune_conv_out_channels, positions)
+            grouped_inputs = [(item.dep.target.module, item.dep.target.module.weight, list(item.idxs))
+                              for item in group if is_grouped(item.dep.target.module)
+                              and not graph.is_out_channel_pruning_fn(item.dep.handler)]
             group.prune()
+            for conv, weight, drop in grouped_inputs:
+                conv.weight = nn.Parameter(_grouped_in_weight(weight, conv.groups, drop),
+                                           requires_grad=weight.requires_grad)
         except HRankError:
             raise
         except Exception as e:
@@ -126,6 +166,10 @@ def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, con
         for m in pg.members:
             present[m] = [c for c in present[m] if c in kept]
 
+
+# --------------------------------------------------------------------------------------------------------
+# Masks: what to zero, by module name, so the same masks apply to the model and to a copy of it
+# --------------------------------------------------------------------------------------------------------
 
 def _first_norms(graph: tp.DependencyGraph, conv: nn.Module) -> set[nn.Module]:
     """Normalization layers that read ``conv``'s channels before any other conv/linear or residual add.
@@ -152,15 +196,64 @@ def _first_norms(graph: tp.DependencyGraph, conv: nn.Module) -> set[nn.Module]:
     return norms
 
 
-def _add_mask(module: nn.Module, idxs: Iterable[int]) -> None:
-    mask = getattr(module, MASK_BUFFER, None)
-    if mask is None:
-        mask = torch.ones(module.weight.shape[0], device=module.weight.device, dtype=module.weight.dtype)
-        module.register_buffer(MASK_BUFFER, mask, persistent=False)
-    mask[list(idxs)] = 0
+@dataclass(frozen=True)
+class _Mask:
+    """Zero ``param`` of module ``owner`` along ``dim`` at ``idxs`` (kind "dim"), the input columns ``idxs``
+    of a grouped conv (kind "grouped_in"), or renormalize a LayerNorm over its kept channels (kind "ln")."""
+
+    owner: str
+    param: str
+    kind: str
+    idxs: tuple[int, ...]
+    dim: int = 0
 
 
-def _apply_masks(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: dict[str, nn.Conv2d]) -> None:
+def _out_masks(module: Any, owner: str, param_name: str | None, handler: Any, idxs: list[int]) -> list[_Mask]:
+    """Masks for a module (or unwrapped parameter) whose output channels ``idxs`` are pruned."""
+    t = tuple(idxs)
+    if isinstance(module, nn.Parameter):
+        dim = getattr(getattr(handler, "__self__", None), "pruning_dim", 0)
+        return [_Mask(owner, param_name or "", "dim", t, dim % max(module.dim(), 1))]
+    out: list[_Mask] = []
+    if isinstance(module, nn.modules.conv._ConvNd):
+        out.append(_Mask(owner, "weight", "dim", t, 1 if module.transposed else 0))
+    elif isinstance(module, nn.LayerNorm):
+        out.append(_Mask(owner, "", "ln", t))
+        if module.weight is not None:
+            out.append(_Mask(owner, "weight", "dim", t, 0))
+    elif isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() >= 1 \
+            and not (isinstance(module, nn.PReLU) and module.weight.numel() == 1):
+        out.append(_Mask(owner, "weight", "dim", t, 0))  # norms, linears, per-channel PReLU
+    if isinstance(getattr(module, "bias", None), torch.Tensor):
+        out.append(_Mask(owner, "bias", "dim", t, 0))
+    return out
+
+
+def _in_masks(module: Any, owner: str, idxs: list[int]) -> list[_Mask]:
+    """Masks for a module that reads the pruned channels ``idxs`` (its input columns)."""
+    t = tuple(idxs)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if is_grouped(module):
+            return [_Mask(owner, "weight", "grouped_in", t)]
+        return [_Mask(owner, "weight", "dim", t, 0 if module.transposed else 1)]
+    if isinstance(module, nn.Linear):
+        return [_Mask(owner, "weight", "dim", t, 1)]
+    if isinstance(module, ChannelPadShortcut):  # no weights: its input channels are zeroed before the copy
+        return [_Mask(owner, "", "zero_in", t)]
+    return []
+
+
+def _mask_plan(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: dict[str, nn.Module]) -> list[_Mask]:
+    """Every mask that makes the unpruned model compute what the physically pruned one computes.
+
+    Coupled plans zero each pruned channel everywhere Torch-Pruning would remove it: the producers'
+    parameters (convs, norms, linears, unwrapped parameters such as layer scales), the consumers' input
+    columns, and LayerNorms renormalize over the kept channels. Independent plans (HRank's own masks) zero
+    each conv's filters and its own BN only, as the official code does.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    param_names = getattr(graph, "_param_to_name", {})
+    masks: list[_Mask] = []
     for pg in plan.pruned_groups():
         kept = set(pg.kept)
         pruned = [c for c in range(pg.channels) if c not in kept]
@@ -170,63 +263,298 @@ def _apply_masks(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs:
                 group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, pruned)
             except Exception as e:
                 raise HRankError(f"dependency analysis failed for {member} ({_first_line(e)})") from None
-            own = _first_norms(graph, conv) if plan.coupling == "independent" else None
+            if plan.coupling == "independent":
+                own = _first_norms(graph, conv)
+                masks += _out_masks(conv, member, None, None, pruned)
+                for item in group:
+                    module = item.dep.target.module
+                    if module in own and isinstance(module, _BN_TYPES) and module.affine \
+                            and graph.is_out_channel_pruning_fn(item.dep.handler):
+                        masks += _out_masks(module, names[module], None, None, list(item.idxs))
+                continue
             for item in group:
                 module, handler = item.dep.target.module, item.dep.handler
-                if not isinstance(module, nn.Module) or not graph.is_out_channel_pruning_fn(handler):
+                idxs = list(item.idxs)
+                if isinstance(module, nn.Parameter):
+                    full = param_names.get(module)
+                    if full is None:
+                        continue
+                    owner, _, pname = full.rpartition(".")
+                    masks += _out_masks(module, owner, pname, handler, idxs)
+                elif not isinstance(module, nn.Module) or module not in names:
                     continue
-                if isinstance(module, nn.Conv2d):
-                    if own is None or module is conv:
-                        _add_mask(module, item.idxs)
-                elif isinstance(module, _BN_TYPES) and module.affine and (own is None or module in own):
-                    _add_mask(module, item.idxs)
+                elif graph.is_out_channel_pruning_fn(handler):
+                    masks += _out_masks(module, names[module], None, handler, idxs)
+                else:
+                    masks += _in_masks(module, names[module], idxs)
+    return list(dict.fromkeys(masks))
+
+
+_PARAM_MASK = "hrank_mask__"  # non-persistent buffer on a module: a 0/1 tensor shaped like its parameter
+_LN_KEEP = "hrank_ln_keep"  # non-persistent buffer on a LayerNorm: 1 for kept channels
+_IN_KEEP = "hrank_in_keep"  # non-persistent buffer on a weightless consumer: 1 for input channels it still reads
+
+
+def _zero_pruned_inputs(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: zero the pruned input channels (dim 1) of a consumer without weights."""
+    keep = getattr(module, _IN_KEEP, None)
+    if keep is None or not args or not isinstance(args[0], torch.Tensor) or args[0].shape[1] != keep.numel():
+        return None
+    shape = [1, -1] + [1] * (args[0].dim() - 2)
+    return (args[0] * keep.view(shape).to(args[0].dtype), *args[1:])
+
+
+def _masked_layer_norm(module: nn.LayerNorm, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: a LayerNorm computed over its kept channels only, zeros elsewhere (what the physically
+    pruned LayerNorm computes). Channels are the last dim for nn.LayerNorm, dim 1 for NCHW subclasses."""
+    keep = getattr(module, _LN_KEEP, None)
+    x = args[0] if args else None
+    if keep is None or not isinstance(x, torch.Tensor):
+        return None
+    dim = x.dim() - 1 if type(module).forward is nn.LayerNorm.forward else 1
+    if x.shape[dim] != keep.numel():
+        return None
+    idx = keep.nonzero().flatten()
+    xs = x.index_select(dim, idx).movedim(dim, -1)
+    w = module.weight[idx] if module.weight is not None else None
+    b = module.bias[idx] if module.bias is not None else None
+    y = F.layer_norm(xs, (idx.numel(),), w, b, module.eps).movedim(-1, dim)
+    return torch.zeros_like(output).index_copy(dim, idx, y.to(output.dtype))
+
+
+def _install_masks(model: nn.Module, masks: Sequence[_Mask]) -> None:
+    """Attach ``masks`` to ``model`` (found by module name) and zero what they cover."""
+    modules = dict(model.named_modules())
+    for mk in masks:
+        owner = modules.get(mk.owner)
+        if owner is None:
+            raise HRankError(f"mask for {mk.owner!r}, which the model does not have")
+        if mk.kind in ("ln", "zero_in"):
+            name = _LN_KEEP if mk.kind == "ln" else _IN_KEEP
+            keep = getattr(owner, name, None)
+            if keep is None:
+                width = owner.normalized_shape[-1] if mk.kind == "ln" else owner.in_channels
+                device = next(iter([*owner.parameters(), *owner.buffers()]), torch.empty(0)).device
+                keep = torch.ones(width, dtype=torch.bool, device=device)
+                owner.register_buffer(name, keep, persistent=False)
+                if mk.kind == "ln":
+                    owner.register_forward_hook(_masked_layer_norm)
+                else:
+                    owner.register_forward_pre_hook(_zero_pruned_inputs)
+            keep[list(mk.idxs)] = False
+            continue
+        param = getattr(owner, mk.param, None)
+        if not isinstance(param, torch.Tensor):
+            continue
+        buffer = _PARAM_MASK + mk.param
+        mask = getattr(owner, buffer, None)
+        if mask is None:
+            mask = torch.ones_like(param, memory_format=torch.contiguous_format).detach()
+            owner.register_buffer(buffer, mask, persistent=False)
+        if mk.kind == "dim":
+            mask.index_fill_(mk.dim, torch.tensor(mk.idxs, dtype=torch.long, device=mask.device), 0)
+        else:  # grouped_in: input channel c sits in block c // per, at column c % per, for that block's rows
+            out, per, groups = mask.shape[0], mask.shape[1], owner.groups
+            rows = out // groups
+            for c in mk.idxs:
+                b, col = divmod(c, per)
+                mask[b * rows:(b + 1) * rows, col] = 0
     enforce_masks(model)
 
 
+def _apply_masks(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: dict[str, nn.Module]) -> None:
+    _install_masks(model, _mask_plan(model, plan, graph, convs))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The invariant (physical == mask) and all-or-nothing application
+# --------------------------------------------------------------------------------------------------------
+
+CHECK_TOLERANCE = 1e-4  # relative L2 difference allowed between the physical and the masked network
+
+
+def _random_like(x: torch.Tensor) -> torch.Tensor:
+    """A seeded random batch shaped like ``x`` (a zero example input would only exercise the biases)."""
+    if not x.is_floating_point():
+        return x
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(x.shape, generator=g, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+
+
+def _relative_difference(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        ya, yb = _outputs(a(x)), _outputs(b(x))
+    if len(ya) != len(yb) or any(p.shape != q.shape for p, q in zip(ya, yb, strict=True)):
+        return math.inf
+    num = math.sqrt(sum(float((p.double() - q.double()).pow(2).sum()) for p, q in zip(ya, yb, strict=True)))
+    den = math.sqrt(sum(float(q.double().pow(2).sum()) for q in yb))
+    if not math.isfinite(num):
+        return math.inf
+    return num / den if den > 0 else num
+
+
+def _difference(pruned: nn.Module, reference: nn.Module, x: torch.Tensor) -> float:
+    """Relative output difference; in float32 first, confirmed in float64 when it exceeds the tolerance."""
+    rel = _relative_difference(pruned.eval(), reference.eval(), x)
+    if rel > CHECK_TOLERANCE and x.is_floating_point() and x.dtype != torch.float64:
+        rel = _relative_difference(copy.deepcopy(pruned).double(), copy.deepcopy(reference).double(), x.double())
+    return rel
+
+
+class _Mismatch(Exception):
+    def __init__(self, rel: float) -> None:
+        super().__init__(f"relative difference {rel:.3g}")
+        self.rel = rel
+
+
+def _sub_plan(plan: Plan, keep: Sequence[PlanGroup]) -> Plan:
+    """``plan`` with only the groups in ``keep`` pruned (the others whole)."""
+    chosen = {id(g) for g in keep}
+    groups = [g if id(g) in chosen else PlanGroup(list(g.members), g.channels, 0.0, list(range(g.channels)),
+                                                  g.blocks) for g in plan.groups]
+    return dataclasses.replace(plan, groups=groups)
+
+
+def _mismatch(model: nn.Module, plan: Plan, x: torch.Tensor) -> float:
+    """Physical vs mask difference of ``plan`` on copies of ``model`` (for the diagnosis)."""
+    try:
+        apply_plan(copy.deepcopy(model), plan, example_input=x, check=True)
+    except _Mismatch as e:
+        return e.rel
+    except HRankError:
+        return math.inf
+    return 0.0
+
+
+def _culprit(model: nn.Module, plan: Plan, x: torch.Tensor) -> PlanGroup | None:
+    """The pruned group that breaks the invariant, by bisection over the pruned groups (None if not found)."""
+    candidates = plan.pruned_groups()
+    while len(candidates) > 1:
+        half = candidates[: len(candidates) // 2]
+        if _mismatch(model, _sub_plan(plan, half), x) > CHECK_TOLERANCE:
+            candidates = half
+        else:
+            candidates = candidates[len(candidates) // 2:]
+    if candidates and _mismatch(model, _sub_plan(plan, candidates), x) > CHECK_TOLERANCE:
+        return candidates[0]
+    return None
+
+
+class _Snapshot:
+    """Everything pruning may change in a model, to put it back exactly (same objects) on failure."""
+
+    def __init__(self, model: nn.Module, values: bool) -> None:
+        self.state = []
+        for m in model.modules():
+            attrs = dict(m.__dict__)
+            dicts = {k: dict(v) for k, v in attrs.items() if isinstance(v, dict)}
+            self.state.append((m, attrs, dicts))
+        self.values = [(t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]] if values else []
+
+    def restore(self) -> None:
+        for m, attrs, dicts in self.state:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for k, saved in dicts.items():
+                attrs[k].clear()
+                attrs[k].update(saved)
+        with torch.no_grad():
+            for t, v in self.values:
+                t.copy_(v)
+
+
 def apply_plan(model: nn.Module, plan: Plan, *, mode: str = "physical",
-               example_input: torch.Tensor | None = None) -> nn.Module:
+               example_input: torch.Tensor | None = None, check: bool = True) -> nn.Module:
     """Prune ``model`` in place by ``plan`` and return it; sets ``model.hrank_plan`` and ``model.hrank_mode``.
 
     ``physical`` removes the channels (a smaller, faster network); ``mask`` zeroes them with 0/1 masks and
     keeps every shape (HRank's way; call :func:`enforce_masks` after each optimizer step). The model's
-    train/eval mode is kept. Build optimizers after this call: physical pruning replaces parameters.
+    train/eval modes are kept. Build optimizers after this call: physical pruning replaces parameters.
+
+    All or nothing: on any error the model is exactly as before. With ``check`` (default), a physical
+    prune is verified against the invariant: on a seeded random input shaped like ``example_input`` the
+    pruned network must compute what the masked network computes (relative difference <= 1e-4), else a
+    one-line error names the first group that breaks it.
     """
     convs = _check_fits(model, plan, mode)
     x = _example_input(model, plan, example_input)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
+    snapshot = _Snapshot(model, values=mode == "mask")
     try:
         model.eval()
-        expected_out = _output_shape(model, x) if mode == "physical" else ()
         graph = build_dependency_graph(model, x)
         if mode == "physical":
+            expected_out = _output_shape(model, x)
+            reference = None
+            if check and plan.pruned_groups():
+                reference = copy.deepcopy(model)
+                _install_masks(reference, _mask_plan(model, plan, graph, convs))
             _apply_physical(model, plan, graph, convs)
             model.eval()
             _forward_check(model, plan, x, expected_out)
+            if reference is not None:
+                rel = _difference(model, reference, _random_like(x))
+                if not rel <= CHECK_TOLERANCE:
+                    raise _Mismatch(rel)
         else:
             _apply_masks(model, plan, graph, convs)
-    finally:
-        model.train(was_training)
+    except _Mismatch as e:
+        snapshot.restore()
+        _restore_modes(modes)
+        if not check or getattr(_diagnosing, "active", False):
+            raise
+        _diagnosing.active = True
+        try:
+            bad = _culprit(model, plan, x)
+        finally:
+            _diagnosing.active = False
+        where = f"; the first group that breaks it: {bad.members[0]}" if bad is not None else ""
+        raise HRankError(f"the physically pruned network does not compute what the masked one does (relative "
+                         f"difference {e.rel:.3g} > {CHECK_TOLERANCE:g}){where}; an op hrank cannot map "
+                         f"channels through (please report this model); ignore that group to go on") from None
+    except BaseException:
+        snapshot.restore()
+        _restore_modes(modes)
+        raise
+    _restore_modes(modes)
     model.hrank_plan = plan
     model.hrank_mode = mode
     return model
 
 
-def enforce_masks(model: nn.Module) -> None:
-    """Multiply every masked module's weight (and bias) by its 0/1 mask; a no-op for unmasked models.
+class _DiagnosisState(threading.local):
+    active = False
 
-    Training calls it after every optimizer step so that masked filters stay exactly zero.
+
+_diagnosing = _DiagnosisState()
+
+
+def _restore_modes(modes: dict[nn.Module, bool]) -> None:
+    for m, training in modes.items():
+        m.training = training
+
+
+def enforce_masks(model: nn.Module) -> None:
+    """Multiply every masked parameter by its 0/1 mask; a no-op for unmasked models.
+
+    Training calls it after every optimizer step so that masked filters (and, in coupled plans, the
+    input columns that read pruned channels) stay exactly zero.
     """
     with torch.no_grad():
         for m in model.modules():
             mask = getattr(m, MASK_BUFFER, None)
-            if mask is None:
-                continue
-            weight = getattr(m, "weight", None)
-            if weight is not None:
-                weight.mul_(mask.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
-            bias = getattr(m, "bias", None)
-            if bias is not None:
-                bias.mul_(mask.to(bias.dtype))
+            if mask is not None:
+                weight = getattr(m, "weight", None)
+                if weight is not None:
+                    weight.mul_(mask.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
+                bias = getattr(m, "bias", None)
+                if bias is not None:
+                    bias.mul_(mask.to(bias.dtype))
+            for name, buf in m._buffers.items():
+                if buf is not None and name.startswith(_PARAM_MASK):
+                    param = getattr(m, name[len(_PARAM_MASK):], None)
+                    if isinstance(param, torch.Tensor):
+                        param.mul_(buf.to(param.dtype))
 
 
 def recalibrate_bn(model: nn.Module, batches: Iterable[Any], num_images: int = 512) -> int:

@@ -27,6 +27,7 @@ from torch import nn
 from hrank import models
 from hrank.errors import HRankError
 from hrank.io import load_yaml_mapping
+from hrank.layers import conv_names
 
 __all__ = ["parse_rates", "parse_mapping_string", "Spec", "num_pruned", "OFFICIAL_COUNTER_ENTRY_REMAP"]
 
@@ -220,7 +221,11 @@ def parse_mapping_string(text: str) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------------
 
 def _conv_channels(model: nn.Module) -> dict[str, int]:
-    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    return conv_names(model)
+
+
+def _match(pattern: str, channels: Mapping[str, int]) -> list[str]:
+    return [pattern] if pattern in channels else [n for n in channels if fnmatch.fnmatchcase(n, pattern)]
 
 
 def _resolve_model(model_or_name: nn.Module | str) -> nn.Module:
@@ -254,6 +259,9 @@ class Spec:
     ``rates`` maps conv names to the fraction of filters pruned. ``order`` is the model's HRank rate-entry
     order (entry i lists its convs) when it has one, so the spec can be written back as an HRank string.
     ``source`` records the inputs (the compress_rate string and/or the pattern mapping) for the plan JSON.
+    ``exact``: convs named exactly (by name or an HRank entry) — a plan fails if one of them cannot be
+    pruned, where a conv reached only by a pattern is skipped and reported. ``ignored``: convs matched by
+    ignore patterns; they are not pruned, nor is any group they are coupled into.
     """
 
     rates: dict[str, float]
@@ -261,6 +269,8 @@ class Spec:
     order: tuple[tuple[str, ...], ...] | None = None
     source: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    exact: frozenset[str] = frozenset()
+    ignored: frozenset[str] = frozenset()
 
     # -- construction ------------------------------------------------------------------------------------
     @staticmethod
@@ -288,34 +298,61 @@ class Spec:
                 value = 0.0
             for conv in convs:
                 rates[conv] = _check_rate(value, conv, channels[conv], f"at entry {i + 1} ({conv})")
-        return Spec(rates, arch, tuple(entries), {"compress_rate": text}, tuple(notes))
+        return Spec(rates, arch, tuple(entries), {"compress_rate": text}, tuple(notes), frozenset(rates))
 
     @staticmethod
-    def from_mapping(model: nn.Module | str, mapping: Mapping[str, float], *, base: Spec | None = None) -> Spec:
+    def from_mapping(model: nn.Module | str, mapping: Mapping[str, float], *, base: Spec | None = None,
+                     ignore: Sequence[str] = ()) -> Spec:
         """Rates by conv name or glob pattern (``fnmatch``: ``*`` also matches dots); later items win.
 
         With ``base``, the mapping overrides that spec's rates (e.g. an HRank string plus a few fixes).
-        Every pattern must match at least one Conv2d of the model.
+        Every pattern must match at least one conv of the model. ``ignore``: patterns of convs to leave
+        alone (see :meth:`without`).
         """
         model = _resolve_model(model)
         channels = _conv_channels(model)
         rates = dict(base.rates) if base is not None else {}
+        exact = set(base.exact) if base is not None else set()
         for pattern, rate in mapping.items():
             if not isinstance(pattern, str) or not pattern:
                 raise HRankError(f"layer pattern {pattern!r} must be a non-empty string")
-            exact = pattern in channels
-            matched = [pattern] if exact else [n for n in channels if fnmatch.fnmatchcase(n, pattern)]
+            matched = _match(pattern, channels)
             if not matched:
                 what = "pattern" if any(c in pattern for c in "*?[") else "layer name"
-                raise HRankError(f"{what} {pattern!r} matches no Conv2d of {_model_label(model)} "
-                                 f"(see `hrank info --model ...` for layer names)")
+                raise HRankError(f"{what} {pattern!r} matches no Conv2d or ConvTranspose2d of "
+                                 f"{_model_label(model)} (see `hrank info --model ...` for layer names)")
+            if pattern in channels:
+                exact.add(pattern)
             for conv in matched:
                 rates[conv] = _check_rate(rate, conv, channels[conv], f"for {pattern!r} ({conv})")
         arch = getattr(model, "hrank_arch", None)
         order = tuple(models.rate_entries(model)) if arch is not None else None
         source = dict(base.source) if base is not None else {}
         source["rates"] = {**source.get("rates", {}), **{k: float(v) for k, v in mapping.items()}}
-        return Spec(rates, arch, order, source, base.notes if base is not None else ())
+        spec = Spec(rates, arch, order, source, base.notes if base is not None else (), frozenset(exact),
+                    base.ignored if base is not None else frozenset())
+        return spec.without(model, ignore) if ignore else spec
+
+    def without(self, model: nn.Module | str, ignore: Sequence[str]) -> Spec:
+        """This spec with the convs matching ``ignore`` (names or glob patterns) left alone: not rated, and
+        every coupled group containing one of them unpruned (Torch-Pruning's ``ignored_layers``)."""
+        if isinstance(ignore, str):
+            ignore = [p.strip() for p in ignore.split(",") if p.strip()]
+        model = _resolve_model(model)
+        channels = _conv_channels(model)
+        ignored = set(self.ignored)
+        for pattern in ignore:
+            if not isinstance(pattern, str) or not pattern:
+                raise HRankError(f"ignore pattern {pattern!r} must be a non-empty string")
+            matched = _match(pattern, channels)
+            if not matched:
+                raise HRankError(f"ignore pattern {pattern!r} matches no conv of {_model_label(model)}")
+            ignored.update(matched)
+        source = dict(self.source)
+        source["ignore"] = list(dict.fromkeys([*source.get("ignore", []), *ignore]))
+        rates = {c: r for c, r in self.rates.items() if c not in ignored}
+        return Spec(rates, self.arch, self.order, source, self.notes, frozenset(self.exact - ignored),
+                    frozenset(ignored))
 
     @staticmethod
     def from_file(model: nn.Module | str, path: str | os.PathLike, *, base: Spec | None = None) -> Spec:
@@ -392,8 +429,13 @@ class Spec:
         return encode_rates(self.entry_rates())
 
     def to_json(self) -> dict:
-        """Plain JSON: arch, where the rates came from, and the resolved per-conv rates."""
-        return {"arch": self.arch, "source": self.source, "notes": list(self.notes), "rates": dict(self.rates)}
+        """Plain JSON: arch, where the rates came from, the resolved per-conv rates, exact and ignored convs."""
+        d = {"arch": self.arch, "source": self.source, "notes": list(self.notes), "rates": dict(self.rates)}
+        if self.exact != frozenset(self.rates):
+            d["exact"] = sorted(self.exact)
+        if self.ignored:
+            d["ignored"] = sorted(self.ignored)
+        return d
 
     @staticmethod
     def from_json(d: Mapping[str, Any], model: nn.Module | str | None = None) -> Spec:
@@ -402,5 +444,7 @@ class Spec:
         order = None
         if arch is not None:
             order = tuple(models.rate_entries(model if model is not None else arch))
-        return Spec({str(k): float(v) for k, v in d["rates"].items()}, arch, order, dict(d.get("source") or {}),
-                    tuple(d.get("notes") or ()))
+        rates = {str(k): float(v) for k, v in d["rates"].items()}
+        exact = frozenset(str(c) for c in d["exact"]) if "exact" in d else frozenset(rates)
+        return Spec(rates, arch, order, dict(d.get("source") or {}), tuple(d.get("notes") or ()), exact,
+                    frozenset(str(c) for c in d.get("ignored") or ()))

@@ -389,7 +389,10 @@ def test_independent_masks_reproduce_official_masks(arch, selection, reference_d
 def test_enforce_masks_after_optimizer_steps():
     model = models.create("resnet_20")
     scores = {n: np.arange(float(m.out_channels)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    apply_plan(model, make_plan(model, scores, "[0.5]*19"), mode="mask")
+    plan = make_plan(model, scores, "[0.5]*19")
+    apply_plan(model, plan, mode="mask")
+    stream_kept = plan.layers["conv1"]  # layer1.0.conv1 reads the stem's stream: its pruned columns are masked too
+    stream_pruned = [c for c in range(16) if c not in stream_kept]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(2):
         opt.zero_grad()
@@ -398,9 +401,10 @@ def test_enforce_masks_after_optimizer_steps():
         with torch.no_grad():  # anything that revives masked weights (e.g. a step on a perturbed model)
             for p in model.parameters():
                 p.add_(0.01)
-        kept = model.layer1[0].conv1.weight[8:].clone()
+        kept = model.layer1[0].conv1.weight[8:][:, stream_kept].clone()
         enforce_masks(model)
-        assert torch.equal(model.layer1[0].conv1.weight[8:], kept)
+        assert torch.equal(model.layer1[0].conv1.weight[8:][:, stream_kept], kept)
+        assert model.layer1[0].conv1.weight[:, stream_pruned].abs().sum() == 0
     conv, bn = model.layer1[0].conv1, model.layer1[0].bn1
     assert conv.weight[:8].abs().sum() == 0 and bn.weight[:8].abs().sum() == 0 and bn.bias[:8].abs().sum() == 0
     assert conv.weight.shape == (16, 16, 3, 3)

@@ -1,0 +1,32 @@
+"""Which layers hrank scores and prunes: 2-D convolutions, plain and transposed.
+
+One definition shared by specs, plans, pruning and ranks, so that a new layer type is added in one place.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["CONV_TYPES", "is_conv", "conv_names", "is_grouped", "is_depthwise"]
+
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def is_conv(m: object) -> bool:
+    """A layer whose output channels hrank can score and remove (Conv2d or ConvTranspose2d)."""
+    return isinstance(m, CONV_TYPES)
+
+
+def conv_names(model: nn.Module) -> dict[str, int]:
+    """conv name -> output channels, in module order."""
+    return {n: m.out_channels for n, m in model.named_modules() if is_conv(m)}
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """One filter per input channel (groups == in == out): its inputs and outputs are the same channels."""
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def is_grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise: channels come in ``groups`` blocks that must stay equal."""
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not is_depthwise(m)
