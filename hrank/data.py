@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,12 +108,131 @@ class ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.name)
 
 
-def _unpickle(path: Path) -> dict:
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a CIFAR batch pickle may name, each wrapped to admit plain (non-object) data.
+
+    numpy arrays pickle as ``_reconstruct(ndarray, shape, typecode)`` + ``dtype(...)`` (protocols 2-4) or
+    ``_frombuffer(buffer, dtype, shape, order)`` (protocol 5); numpy scalars as ``scalar(dtype, bytes)``;
+    Python 3's protocol 2 writes ``bytes`` as ``_codecs.encode(text, 'latin1')``. numpy 1.x names them
+    under ``numpy.core``, numpy 2 under ``numpy._core``.
+    """
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    frombuffer = np.ndarray.__reduce_ex__(np.zeros(1), 5)[0]
+    scalar = np.int64(0).__reduce__()[0]
+
+    def plain(dt: np.dtype) -> np.dtype:
+        if not isinstance(dt, np.dtype) or dt.hasobject:
+            raise _Refused(f"it holds a numpy array of dtype {dt!r}; only plain numeric/byte dtypes are allowed")
+        return dt
+
+    def make_dtype(spec: Any, align: bool = False, copy: bool = True) -> np.dtype:
+        if not isinstance(spec, str) or spec.startswith("O"):
+            raise _Refused(f"it holds a numpy dtype {spec!r}; only plain numeric/byte dtypes are allowed")
+        return np.dtype(spec, bool(align), bool(copy))
+
+    def make_array(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
+        if subtype is not np.ndarray:
+            raise _Refused(f"it holds an array of type {subtype!r}")
+        return reconstruct(np.ndarray, shape, typecode)
+
+    def make_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+        if not isinstance(buf, (bytes, bytearray, pickle.PickleBuffer)):
+            raise _Refused(f"it holds an array buffer of type {type(buf).__name__}")
+        return frombuffer(buf, plain(dtype), shape, order)
+
+    def make_scalar(dtype: Any, data: Any = None) -> Any:
+        if not isinstance(data, bytes):
+            raise _Refused("it holds a numpy scalar without raw bytes")
+        return scalar(plain(dtype), data)
+
+    def encode(text: Any, encoding: str = "utf-8") -> bytes:
+        if not isinstance(text, str) or encoding.lower().replace("-", "") != "latin1":
+            raise _Refused(f"it calls _codecs.encode with {type(text).__name__}, {encoding!r}")
+        return text.encode("latin-1")
+
+    table: dict[tuple[str, str], Any] = {("_codecs", "encode"): encode, ("numpy", "ndarray"): np.ndarray,
+                                         ("numpy", "dtype"): make_dtype}
+    for core in ("numpy.core", "numpy._core"):
+        table[(f"{core}.multiarray", "_reconstruct")] = make_array
+        table[(f"{core}.multiarray", "scalar")] = make_scalar
+        table[(f"{core}.numeric", "_frombuffer")] = make_frombuffer
+    return table
+
+
+class _Refused(Exception):
+    """Something a CIFAR batch never holds; loading it could run code, so the file is refused."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals a CIFAR batch needs (numpy arrays of plain dtypes)."""
+
+    _allowed: dict[tuple[str, str], Any] | None = None
+
+    def find_class(self, module: str, name: str) -> Any:
+        if _BatchUnpickler._allowed is None:
+            _BatchUnpickler._allowed = _numpy_globals()
+        try:
+            return _BatchUnpickler._allowed[(module, name)]
+        except KeyError:
+            raise _Refused(f"it names {module}.{name}, which a CIFAR batch never holds (unpickling it could run "
+                          "code)") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Refused("it holds persistent ids: a PyTorch file or another format, not a CIFAR batch")
+
+
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _check_plain(obj: Any, depth: int = 0) -> None:
+    """Everything in a loaded batch is a dict, list, tuple, str/bytes, number or a plain numpy array/scalar."""
+    if depth > 20:
+        raise _Refused("it holds data nested deeper than a CIFAR batch")
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, (np.ndarray, np.generic)):
+        if obj.dtype.hasobject:
+            raise _Refused(f"it holds a numpy array of dtype {obj.dtype}; only plain dtypes are allowed")
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_plain(k, depth + 1)
+            _check_plain(v, depth + 1)
+        return
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            if not isinstance(v, _PLAIN):
+                _check_plain(v, depth + 1)
+        return
+    raise _Refused(f"it holds an object of type {type(obj).__name__}, which a CIFAR batch never does")
+
+
+def load_batch_pickle(path: str | os.PathLike) -> dict:
+    """Unpickle a CIFAR batch file with an unpickler that admits only dicts, lists, strings, numbers and
+    numpy arrays of plain dtypes, so a crafted file cannot run code; anything else is a one-line error."""
+    path = Path(path)
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except Exception as e:
-        raise HRankError(f"cannot read CIFAR batch file {path}: {type(e).__name__}: {e}") from None
+            head = f.read(4)
+            if not head:
+                raise HRankError(f"CIFAR batch file {path} is empty")
+            if head.startswith(b"PK"):
+                raise HRankError(f"{path} is not a CIFAR batch file (it is a zip archive: a PyTorch or .npz file?)")
+            f.seek(0)
+            obj = _BatchUnpickler(f, encoding="bytes").load()
+        _check_plain(obj)
+    except HRankError:
+        raise
+    except _Refused as e:
+        raise HRankError(f"refused to read CIFAR batch file {path}: {e}") from None
+    except Exception as e:  # truncated, not a pickle, recursion, memory
+        text = str(e).strip().splitlines()
+        raise HRankError(f"cannot read CIFAR batch file {path}: {type(e).__name__}"
+                         + (f": {text[0][:200]}" if text else "")) from None
+    if not isinstance(obj, dict):
+        raise HRankError(f"{path} is not a CIFAR batch file (it holds a {type(obj).__name__}, not a dict)")
+    return obj
+
 
 
 def _md5(path: Path) -> str:
@@ -153,7 +273,7 @@ def download_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10") -> Pat
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     archive = data_dir / src.archive
-    if not archive.exists() or _md5(archive) != src.md5:
+    if not archive.exists() or _md5(archive) != src.md5:  # absent, partial or tampered with: fetch it again
         tmp = archive.with_suffix(".part")
         try:
             print(f"downloading {src.url} to {data_dir} ...", flush=True)
@@ -169,12 +289,26 @@ def download_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10") -> Pat
             tmp.unlink()
             raise HRankError(f"downloaded {src.archive} has the wrong MD5 checksum; try again")
         os.replace(tmp, archive)
-    with tarfile.open(archive, "r:gz") as tar:
-        try:
-            tar.extractall(data_dir, filter="data")
-        except TypeError:  # Python without extraction filters; the archive's checksum was verified above
-            tar.extractall(data_dir)
+    extract_archive(archive, data_dir)  # only ever an archive whose checksum was verified just above
     return data_dir / src.folder
+
+
+def extract_archive(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Unpack a .tar.gz into ``dest`` safely: only regular files and directories, none outside ``dest``
+    (checked here, and by tarfile's ``data`` filter where this Python has it)."""
+    dest = Path(dest).resolve()
+    with tarfile.open(archive, "r:*") as tar:
+        members = tar.getmembers()
+        for m in members:
+            target = (dest / m.name).resolve()
+            if not (m.isfile() or m.isdir()):
+                raise HRankError(f"refused to extract {archive}: {m.name!r} is not a regular file or directory")
+            if Path(m.name).is_absolute() or ".." in Path(m.name).parts or not target.is_relative_to(dest):
+                raise HRankError(f"refused to extract {archive}: {m.name!r} points outside {dest}")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, members=members, filter="data")
+        else:  # pragma: no cover - Python without extraction filters; every member was checked above
+            tar.extractall(dest, members=members)
 
 
 def load_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10", split: str = "train", *,
@@ -206,7 +340,7 @@ def load_batch_files(paths: list[Path], num_classes: int, *, label_key: bytes = 
     """Read CIFAR-format pickles (``data`` N x 3072 uint8, labels list) into an ImageSet, validating them."""
     images, labels = [], []
     for p in paths:
-        d = _unpickle(Path(p))
+        d = load_batch_pickle(p)
         data = d.get(b"data", d.get("data"))
         labs = d.get(label_key, d.get(label_key.decode()))
         if data is None or labs is None:
@@ -230,7 +364,7 @@ def load_batch_files(paths: list[Path], num_classes: int, *, label_key: bytes = 
         warnings.warn(msg + " (not the full official set)", stacklevel=2)
     classes = [str(i) for i in range(num_classes)]
     if meta is not None and Path(meta).exists():
-        m = _unpickle(Path(meta))
+        m = load_batch_pickle(meta)
         names = m.get(names_key, m.get(names_key.decode()))
         if names is not None and len(names) == num_classes:
             classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
