@@ -19,7 +19,6 @@ Ties are broken by a stable sort: among equal scores the lower channel index is 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -105,40 +104,66 @@ _INDEX_UPDATES = ("update_concat_index_mapping", "update_split_index_mapping", "
                   "update_unbind_index_mapping", "update_expand_index_mapping", "update_slice_index_mapping")
 
 
-@contextlib.contextmanager
-def _guarded_index_mapping(opaque: set):
-    """Torch-Pruning's index-mapping updates, each guarded: a node whose update fails (a channel shuffle's
-    reshape divides by zero in 1.6.1) is recorded as opaque instead of aborting the whole trace."""
-    saved = {name: getattr(tp_index_mapping, name) for name in _INDEX_UPDATES if hasattr(tp_index_mapping, name)}
+def _guarded(fn: Callable) -> Callable:
+    """Torch-Pruning's index-mapping update ``fn``, guarded for graphs hrank builds (they carry
+    ``hrank_opaque``): opaque nodes are skipped, and a node whose update fails (a channel shuffle's reshape
+    divides by zero in 1.6.1) becomes opaque instead of aborting the trace. Other graphs are unchanged."""
+    def update(graph, node):
+        opaque = getattr(graph, "hrank_opaque", None)
+        if opaque is None:
+            return fn(graph, node)
+        if node in opaque:
+            return None
+        try:
+            return fn(graph, node)
+        except Exception:
+            opaque.add(node)
+            return None
+    update.hrank_guarded = True
+    return update
 
-    def guard(fn):
-        def update(graph, node):
-            try:
-                fn(graph, node)
-            except Exception:
-                opaque.add(node)
-        return update
 
-    for name, fn in saved.items():
-        setattr(tp_index_mapping, name, guard(fn))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(tp_index_mapping, name, fn)
+# Torch-Pruning recomputes index mappings on every get_pruning_group call, so the guard must stay in place.
+for _name in _INDEX_UPDATES:
+    _fn = getattr(tp_index_mapping, _name, None)
+    if _fn is not None and not getattr(_fn, "hrank_guarded", False):
+        setattr(tp_index_mapping, _name, _guarded(_fn))
 
 
 def _opaque_reshapes(graph: tp.DependencyGraph) -> set:
-    """Reshape nodes whose input has more than 4 dims: a view back from (N, g, C/g, H, W) is a channel shuffle,
-    which Torch-Pruning maps as the identity (wrong); groups through them must not be pruned."""
+    """Reshapes that shuffle channels: a view whose input has more than 4 dims (back from (N, g, C/g, H, W)),
+    and the view into 5 dims that precedes it through transposes/copies. Torch-Pruning 1.6.1 maps them as
+    a flatten (wrong channels, or a division by zero); groups through them must not be pruned."""
     out = set()
     for node in graph.module2node.values():
         if node.type != tp.ops.OPTYPE.RESHAPE or node.grad_fn is None:
             continue
         sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None) or getattr(node.grad_fn, "_saved_self_sizes", None)
-        if sizes is not None and len(sizes) > 4:
-            out.add(node)
+        if sizes is None or len(sizes) <= 4:
+            continue
+        out.add(node)
+        stack = list(node.inputs)
+        while stack:  # back through the transpose/contiguous chain to the view that split the channels
+            prev = stack.pop()
+            if prev in out:
+                continue
+            if prev.type == tp.ops.OPTYPE.RESHAPE:
+                out.add(prev)
+            elif prev.type == tp.ops.OPTYPE.ELEMENTWISE and len(prev.inputs) == 1:
+                out.add(prev)
+                stack.extend(prev.inputs)
     return out
+
+
+def _cut(graph: tp.DependencyGraph, opaque: set) -> None:
+    """Stop every dependency walk at the opaque nodes: groups reach them (and are then reported as not
+    prunable) but never map indices through them."""
+    for node in opaque:
+        node.dependencies = []
+    for node in graph.module2node.values():
+        for dep in node.dependencies:
+            if dep.target in opaque:
+                dep.index_mapping = [tp.dependency.constants.INDEX_MAPPING_PLACEHOLDER] * 2
 
 
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> tp.DependencyGraph:
@@ -152,10 +177,11 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None 
     if x.is_floating_point() and not any(p.requires_grad for p in model.parameters()):
         x = x.detach().clone().requires_grad_(True)  # a frozen model still builds an autograd graph
     was_training = model.training
-    opaque: set = set()
+    graph = tp.DependencyGraph()
+    graph.hrank_opaque = set()
     try:
-        with torch.enable_grad(), _guarded_index_mapping(opaque):
-            graph = tp.DependencyGraph().build_dependency(
+        with torch.enable_grad():
+            graph.build_dependency(
                 model, example_inputs=x, customized_pruners={ChannelPadShortcut: ShortcutPruner()}, verbose=False)
     except HRankError:
         raise
@@ -164,7 +190,8 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None 
                          f"check that example_input fits the model") from None
     finally:
         model.train(was_training)  # build_dependency calls eval() and leaves it so
-    graph.hrank_opaque = opaque | _opaque_reshapes(graph)
+    graph.hrank_opaque |= _opaque_reshapes(graph)
+    _cut(graph, graph.hrank_opaque)
     return graph
 
 
@@ -301,7 +328,10 @@ def find_groups(model: nn.Module, example_input: torch.Tensor | None = None, *,
     for name, m in model.named_modules():
         if not is_conv(m) or name in assigned or m not in graph.module2node:
             continue
-        g = _describe_group(graph, m, names, order)
+        try:
+            g = _describe_group(graph, m, names, order)
+        except HRankError as e:  # Torch-Pruning cannot follow this conv's channels: report, don't crash
+            g = Group((name,), m.out_channels, False, str(e))
         if name not in g.members:  # defensive: the root must be one of its own members
             g = Group((name,) + g.members, g.channels, False, g.reason or "root missing from its group")
         assigned.update(g.members)

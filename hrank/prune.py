@@ -211,9 +211,8 @@ class _Mask:
 def _out_masks(module: Any, owner: str, param_name: str | None, handler: Any, idxs: list[int]) -> list[_Mask]:
     """Masks for a module (or unwrapped parameter) whose output channels ``idxs`` are pruned."""
     t = tuple(idxs)
-    if isinstance(module, nn.Parameter):
-        dim = getattr(getattr(handler, "__self__", None), "pruning_dim", 0)
-        return [_Mask(owner, param_name or "", "dim", t, dim % max(module.dim(), 1))]
+    if isinstance(module, nn.Parameter):  # ``handler`` is the Torch-Pruning node's pruning dim here
+        return [_Mask(owner, param_name or "", "dim", t, int(handler) % max(module.dim(), 1))]
     out: list[_Mask] = []
     if isinstance(module, nn.modules.conv._ConvNd):
         out.append(_Mask(owner, "weight", "dim", t, 1 if module.transposed else 0))
@@ -280,7 +279,7 @@ def _mask_plan(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: d
                     if full is None:
                         continue
                     owner, _, pname = full.rpartition(".")
-                    masks += _out_masks(module, owner, pname, handler, idxs)
+                    masks += _out_masks(module, owner, pname, getattr(item.dep.target, "pruning_dim", 0), idxs)
                 elif not isinstance(module, nn.Module) or module not in names:
                     continue
                 elif graph.is_out_channel_pruning_fn(handler):

@@ -1,0 +1,264 @@
+"""Pruning CNNs hrank was never tuned on: grouped convs, channel shuffles, LayerNorm streams, layer scales,
+transposed convs, partial specs and ignore patterns; the physical == mask invariant and all-or-nothing apply."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hrank.prune as prune_module
+from hrank import flops, models
+from hrank.errors import HRankError
+from hrank.layers import is_conv
+from hrank.plan import find_groups, make_plan
+from hrank.prune import apply_plan
+from hrank.spec import Spec
+
+
+def _scores(model: nn.Module, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.random(m.out_channels) for n, m in model.named_modules() if is_conv(m)}
+
+
+def _prune_both(model: nn.Module, spec, x: torch.Tensor, **kw):
+    plan = make_plan(model, _scores(model), spec, example_input=x, **kw)
+    physical = apply_plan(copy.deepcopy(model), plan, example_input=x)
+    masked = apply_plan(copy.deepcopy(model), plan, mode="mask", example_input=x)
+    return plan, physical.eval(), masked.eval()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm()) if a.requires_grad is False else _rel(a.detach(), b.detach())
+
+
+class GroupedBlock(nn.Module):
+    """1x1 conv -> ReLU -> 3x3 conv (groups=4) -> BN -> ReLU -> 1x1 conv: the ResNeXt/RegNet pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.bn = nn.BatchNorm2d(16)
+        self.c = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.c(torch.relu(self.bn(self.b(torch.relu(self.a(x))))))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("spec", [{"b": 0.5}, {"a": 0.5}, {"*": 0.3}])
+def test_grouped_conv_pruned_block_wise(spec):
+    torch.manual_seed(0)
+    model = GroupedBlock().eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = {g.members[0]: g for g in find_groups(model, x)}
+    assert groups["a"].blocks == 4 and groups["b"].blocks == 4 and groups["c"].blocks == 1
+    plan, physical, masked = _prune_both(model, spec, x)
+    for g in plan.pruned_groups():
+        if g.members[0] in ("a", "b"):
+            counts = g.block_counts()
+            assert g.blocks == 4 and len(set(counts)) == 1 and sum(counts) == g.width
+    assert physical.b.groups == 4 and physical.b.weight.shape[1] * 4 == physical.b.in_channels
+    assert _rel(physical(x), masked(x)) < 1e-5
+    assert flops.count(physical, (3, 8, 8)).macs < flops.count(model, (3, 8, 8)).macs
+
+
+def test_grouped_selection_compares_scores_within_each_block():
+    model = GroupedBlock().eval()
+    x = torch.randn(1, 3, 8, 8)
+    scores = _scores(model)
+    scores["a"] = np.array([0, 1, 2, 3] * 4, dtype=float)  # every block: its first two channels are the lowest
+    scores["a"][4:8] += 100  # block 1 scores far higher than the others: a global sort would keep it whole
+    plan = make_plan(model, scores, {"a": 0.5}, example_input=x)
+    assert plan.layers["a"] == [2, 3, 6, 7, 10, 11, 14, 15]
+
+
+def test_a_wrong_physical_prune_is_an_error_and_the_model_is_untouched(monkeypatch):
+    """Torch-Pruning 1.6.1's own grouped-input slicing (the same columns in every row) computes another
+    network; the invariant must catch it, name the group, and leave the caller's model as it was."""
+
+    def naive(weight, groups, drop):  # keep_idxs[:len // groups] as Torch-Pruning does
+        per = weight.shape[1]
+        kept = [i for i in range(per * groups) if i not in set(drop)]
+        return weight.detach()[:, kept[: len(kept) // groups]]
+
+    monkeypatch.setattr(prune_module, "_grouped_in_weight", naive)
+    model = GroupedBlock().eval()
+    x = torch.randn(1, 3, 8, 8)
+    scores = _scores(model)
+    scores["a"] = np.array([0, 1, 5, 6, 5, 6, 0, 1] * 2, dtype=float)  # different positions pruned per block
+    plan = make_plan(model, scores, {"a": 0.5}, example_input=x)
+    params = {n: p for n, p in model.named_parameters()}
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(HRankError, match="does not compute what the masked one does.*first group that breaks it: a"):
+        apply_plan(model, plan, example_input=x)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.b.in_channels == 16 and model.a.out_channels == 16 and getattr(model, "hrank_plan", None) is None
+
+
+def test_failed_apply_restores_every_module_attribute():
+    model = models.create("resnet_20").eval()
+    scores = _scores(model)
+    plan = make_plan(model, scores, "[0.5]*19")
+    plan.groups[3].kept = plan.groups[3].kept[:-1] + [plan.groups[3].channels + 5]  # corrupt after validation
+    snapshot = {n: (type(m), dict(vars(m)).keys(), getattr(m, "out_channels", None)) for n, m in model.named_modules()}
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(Exception):
+        apply_plan(model, plan)
+    assert {n: (type(m), dict(vars(m)).keys(), getattr(m, "out_channels", None))
+            for n, m in model.named_modules()} == snapshot
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_cifar_resnet_streams_physical_equals_mask():
+    """Option-A shortcuts copy channels into pruned stream positions; the masks must cut them as the
+    physical shortcut map does."""
+    torch.manual_seed(0)
+    model = models.create("resnet_20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    _, physical, masked = _prune_both(model, "[0.5]*19", x)
+    assert _rel(physical(x), masked(x)) < 1e-5
+
+
+class Shuffle(nn.Module):
+    """Two branches concatenated and channel-shuffled (ShuffleNetV2's block), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.left = nn.Conv2d(8, 8, 1)
+        self.inner = nn.Conv2d(8, 8, 3, padding=1)
+        self.right = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.cat([torch.relu(self.left(x)), torch.relu(self.right(torch.relu(self.inner(x))))], 1)
+        b, c, h, w = y.shape
+        y = y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        return self.fc(torch.relu(self.head(y)).mean((2, 3)))
+
+
+def test_channel_shuffle_is_reported_not_crashed():
+    torch.manual_seed(0)
+    model = Shuffle().eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = {g.members[0]: g for g in find_groups(model, x)}
+    assert not groups["left"].prunable and "reshape" in groups["left"].reason
+    assert not groups["right"].prunable and groups["inner"].prunable and groups["head"].prunable
+    plan, physical, masked = _prune_both(model, {"*": 0.5}, x)
+    assert {s["conv"] for s in plan.skipped} == {"left", "right"}
+    assert physical.inner.out_channels == 4 and physical.head.out_channels == 6
+    assert _rel(physical(x), masked(x)) < 1e-5
+    with pytest.raises(HRankError, match="cannot prune .*left.*reshape"):
+        make_plan(model, _scores(model), {"left": 0.5}, example_input=x)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class ConvNeXtish(nn.Module):
+    """A ConvNeXt block: stream normalized by LayerNorm over channels, an MLP on NHWC, a layer scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 2, stride=2)
+        self.stem_norm = LayerNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.norm = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.scale = nn.Parameter(torch.rand(16, 1, 1) + 0.5)
+        self.out = nn.Conv2d(16, 10, 1)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x))
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.fc2(F.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+        x = x + self.scale * y
+        return self.out(x).mean((2, 3))
+
+
+def test_layernorm_stream_and_layer_scale_physical_equals_mask():
+    torch.manual_seed(0)
+    model = ConvNeXtish().eval()
+    with torch.no_grad():
+        for p in (model.stem_norm.weight, model.norm.weight):
+            p.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 16, 16)
+    plan, physical, masked = _prune_both(model, {"stem": 0.5}, x)
+    assert physical.stem.out_channels == 8 and physical.scale.shape == (8, 1, 1) and physical.norm.weight.shape == (8,)
+    assert _rel(physical(x), masked(x)) < 1e-5
+    assert float(masked.scale.detach()[[c for c in range(16) if c not in plan.layers["stem"]]].abs().sum()) == 0
+
+
+class UNetish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 12, 2, stride=2)
+        self.out = nn.Conv2d(12 + 3, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.up(torch.relu(self.down(x))))
+        return self.out(torch.cat([y, x], 1))
+
+
+def test_conv_transpose_pruned_on_both_sides_and_counted():
+    torch.manual_seed(0)
+    model = UNetish().eval()
+    x = torch.randn(2, 3, 16, 16)
+    plan, physical, masked = _prune_both(model, {"down": 0.5, "up": 0.5}, x)
+    assert physical.down.out_channels == 8 and physical.up.in_channels == 8 and physical.up.out_channels == 6
+    assert physical.out.in_channels == 9
+    assert _rel(physical(x), masked(x)) < 1e-5
+    before, after = flops.count(model, (3, 16, 16)), flops.count(physical, (3, 16, 16))
+    up_before = next(layer for layer in before.layers if layer.name == "up").macs
+    up_after = next(layer for layer in after.layers if layer.name == "up").macs
+    assert up_before == 16 * 12 * 4 * 8 * 8 and up_after == 8 * 6 * 4 * 8 * 8
+
+
+def test_partial_spec_skips_and_reports_exact_names_fail():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.zeros(1, 3, 12, 12)
+    scores = _scores(net)
+    plan = make_plan(net, scores, Spec.from_mapping(net, {"*": 0.5}), example_input=x)
+    assert plan.skipped == [{"conv": "4", "reason": "its channels are an output of the network"}]
+    assert plan.layers["0"] != list(range(8)) and len(plan.layers["2"]) == 4
+    assert "1 rated conv(s) skipped" in plan.summary() and plan.skipped_lines() == [
+        "4: its channels are an output of the network"]
+    with pytest.raises(HRankError, match="cannot prune group 4: its channels are an output"):
+        make_plan(net, scores, Spec.from_mapping(net, {"*": 0.5, "4": 0.5}), example_input=x)
+    del scores["2"]  # no rank point: skipped when reached by a pattern, an error when named
+    plan = make_plan(net, scores, Spec.from_mapping(net, {"*": 0.5}), example_input=x)
+    assert {s["conv"]: s["reason"] for s in plan.skipped}["2"].startswith("no scores")
+    with pytest.raises(HRankError, match="no scores"):
+        make_plan(net, scores, {"2": 0.5}, example_input=x)
+
+
+def test_ignore_patterns_leave_groups_whole():
+    model = models.create("resnet_20")
+    spec = Spec.from_mapping(model, {"*": 0.5}, ignore=["layer1.*", "conv1"])
+    assert not any(c.startswith("layer1.") for c in spec.rates) and "conv1" not in spec.rates
+    plan = make_plan(model, _scores(model), spec)
+    # the stem stream couples conv1 with layer1.*.conv2: ignored, so whole; layer2's inner convs are pruned
+    assert plan.layers.get("layer1.0.conv2", list(range(16))) == list(range(16))
+    assert len(plan.layers["layer2.0.conv1"]) == 16
+    assert Spec.from_json(spec.to_json(), model).ignored == spec.ignored
+    with pytest.raises(HRankError, match="ignore pattern 'nothing.*' matches no conv"):
+        Spec.from_mapping(model, {"*": 0.5}, ignore=["nothing.*"])
+    coupled = Spec.from_mapping(model, {"layer1.0.conv2": 0.5}, ignore=["layer1.1.conv2"])
+    with pytest.raises(HRankError, match="coupled with ignored layer1.1.conv2"):
+        make_plan(model, _scores(model), coupled)
