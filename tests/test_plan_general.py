@@ -110,7 +110,7 @@ def test_failed_apply_restores_every_module_attribute():
     plan.groups[3].kept = plan.groups[3].kept[:-1] + [plan.groups[3].channels + 5]  # corrupt after validation
     snapshot = {n: (type(m), dict(vars(m)).keys(), getattr(m, "out_channels", None)) for n, m in model.named_modules()}
     weights = copy.deepcopy(model.state_dict())
-    with pytest.raises(Exception):
+    with pytest.raises(HRankError, match="forward check"):
         apply_plan(model, plan)
     assert {n: (type(m), dict(vars(m)).keys(), getattr(m, "out_channels", None))
             for n, m in model.named_modules()} == snapshot
