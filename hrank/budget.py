@@ -24,6 +24,7 @@ from torch import nn
 
 from hrank import flops, models
 from hrank.errors import HRankError
+from hrank.layers import is_depthwise
 from hrank.plan import Group, build_dependency_graph, find_groups, make_plan
 from hrank.prune import apply_plan
 from hrank.spec import Spec, num_pruned
@@ -141,15 +142,15 @@ class _CostModel:
         index = {}
         for layer in base.layers:
             m = modules[layer.name]
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.modules.conv._ConvNd):
                 kk = m.kernel_size[0] * m.kernel_size[1]
-                hw = layer.output_hw[0] * layer.output_hw[1]
-                depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-                self.layers.append([m.in_channels // m.groups, m.out_channels, kk * hw, kk, m.bias is not None,
-                                    depthwise])
+                per_macs = layer.macs // (m.in_channels // m.groups * m.out_channels)  # kernel x positions
+                depthwise = is_depthwise(m)
+                self.layers.append([m.in_channels, m.out_channels, per_macs, kk, m.bias is not None,
+                                    depthwise, m.groups])
             else:
                 positions = layer.macs // (m.in_features * m.out_features)
-                self.layers.append([m.in_features, m.out_features, positions, 1, m.bias is not None, False])
+                self.layers.append([m.in_features, m.out_features, positions, 1, m.bias is not None, False, 1])
             index[m] = len(self.layers) - 1
         counted = sum(sum(p.numel() for p in modules[layer.name].parameters(recurse=False)) for layer in base.layers)
         self.other_params = base.params - counted
@@ -177,19 +178,20 @@ class _CostModel:
                 removed_in[i] += in_per * k
         macs = 0
         params = self.other_params
-        for (cin, cout, per_macs, per_params, bias, depthwise), r_out, r_in in zip(
+        for (cin, cout, per_macs, per_params, bias, depthwise, groups), r_out, r_in in zip(
                 self.layers, removed_out, removed_in, strict=True):
             out = cout - r_out
-            inp = cin if depthwise else cin - r_in
+            inp = cin // groups if depthwise else (cin - r_in) // groups  # inputs each filter reads
             macs += inp * out * per_macs
             params += inp * out * per_params + (out if bias else 0)
         return macs, params
 
 
-def _steps(channels: int, limit: int, round_to: int) -> list[int]:
+def _steps(channels: int, limit: int, round_to: int, blocks: int = 1) -> list[int]:
     """Cumulative channel counts a group may give up: every count up to ``limit``, or with ``round_to`` > 1
-    only those that leave a multiple of ``round_to`` channels (widths a CPU or GPU kernel runs efficiently)."""
-    return [k for k in range(1, limit + 1) if round_to == 1 or (channels - k) % round_to == 0]
+    only those that leave a multiple of ``round_to`` channels (widths a CPU or GPU kernel runs efficiently);
+    a group split into ``blocks`` by grouped convs gives up the same number from every block."""
+    return [k for k in range(1, limit + 1) if (round_to == 1 or (channels - k) % round_to == 0) and k % blocks == 0]
 
 
 def _search(groups: Sequence[Group], raw: Mapping[str, Any], limits: Sequence[int], order: str,
@@ -198,7 +200,7 @@ def _search(groups: Sequence[Group], raw: Mapping[str, Any], limits: Sequence[in
     """Channels to remove per group, closest to ``goal`` when groups give them up in ``order``."""
     events: list[tuple[float, int, int]] = []  # (key, group, channels this step removes)
     for gi, (g, limit) in enumerate(zip(groups, limits, strict=True)):
-        steps = _steps(g.channels, limit, round_to)
+        steps = _steps(g.channels, limit, round_to, g.blocks)
         if order == "score":  # globally by the group's per-channel score, relative to the group's best
             member_scores = [np.asarray(raw[m], dtype=float) for m in g.members if m in raw]
             s = np.sort(np.mean(member_scores, axis=0))
@@ -248,7 +250,8 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
                 metric: str = "macs", input_size: tuple[int, ...] | None = None,
                 example_input: torch.Tensor | None = None, convs: Sequence[str] | None = None,
                 max_rate: float = 0.9, tolerance: float = TOLERANCE, order: str = ORDER_DEFAULT,
-                round_to: int = ROUND_TO_DEFAULT, progress: Callable[[str], None] | None = None) -> BudgetResult:
+                round_to: int = ROUND_TO_DEFAULT, progress: Callable[[str], None] | None = None,
+                ignore: Sequence[str] | str | None = None) -> BudgetResult:
     """Rates whose physically pruned network has ``target`` MACs (or params), within ``tolerance``.
 
     ``target`` below or equal to 1 is a fraction of the unpruned count, above 1 an absolute count.
@@ -258,7 +261,8 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
     ``order`` is the sequence in which groups give up channels while the search tightens (see ``ORDERS``).
     ``round_to`` > 1 keeps every pruned group's width a multiple of it (convolution kernels run channel counts
     such as 16 -> 11 at a fraction of their speed); when no such widths reach the target, single channels are used.
-    A target that cannot be met is a one-line error naming the closest achievable count.
+    A target that cannot be met is a one-line error naming the closest achievable count. ``ignore``: conv
+    names or glob patterns left alone, with every group they are coupled into (as :meth:`Spec.without`).
     """
     if order not in ORDERS:
         raise HRankError(f"unknown budget order {order!r}; choose {', '.join(ORDERS)}")
@@ -293,7 +297,9 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
     allowed = _candidates(model, raw, convs)
     graph = build_dependency_graph(model, example_input)
     groups = find_groups(model, example_input, graph=graph)
-    prunable: list[Group] = [g for g in groups if g.prunable and any(m in allowed and m in raw for m in g.members)]
+    ignored = Spec({}).without(model, ignore).ignored if ignore else frozenset()
+    prunable: list[Group] = [g for g in groups if g.prunable and any(m in allowed and m in raw for m in g.members)
+                             and not ignored.intersection(g.members)]
     if not prunable:
         raise HRankError("no prunable layers with scores: nothing to search over")
     cost = _CostModel(model, graph, prunable, input_size)
@@ -315,7 +321,8 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
         if step != round_to and progress:
             progress(f"widths in multiples of {round_to} cannot get within {tolerance:.0%} of the target; "
                      f"rounding dropped")
-        step_limits = [max(_steps(g.channels, lim, step), default=0) for g, lim in zip(prunable, limits, strict=True)]
+        step_limits = [max(_steps(g.channels, lim, step, g.blocks), default=0)
+                       for g, lim in zip(prunable, limits, strict=True)]
         for other in (order, *[o for o in ORDERS if o != order]):  # an order too coarse: fall back to the others
             if abs(predicted - goal) <= tolerance * goal:
                 break
@@ -331,7 +338,7 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
     for g, n in zip(prunable, counts, strict=True):
         rate = readable_rate(n, g.channels)
         mapping.update({m: rate for m in g.members if m in allowed or m in raw})
-    spec = Spec.from_mapping(model, mapping)
+    spec = Spec.from_mapping(model, mapping, ignore=ignore or ())
     plan = make_plan(model, raw, spec, example_input=example_input, groups=groups)
     pruned = apply_plan(copy.deepcopy(model), plan, mode="physical", example_input=example_input)
     real = flops.count(pruned, input_size)

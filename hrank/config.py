@@ -64,6 +64,8 @@ KEYS: dict[str, Key] = {
     "compress_rate": Key((str, type(None)), None, "HRank's list syntax, one rate per entry, e.g. [0.1]+[0.6]*35+..."),
     "rates": Key((dict, str, type(None)), None, "rates by layer name or glob pattern, {pattern: rate} "
                                                 "(or 'pat=0.5,pat2=0.3' on the command line)"),
+    "ignore": Key((list, str, type(None)), None, "convs to leave alone, with every group they are coupled into: "
+                                                "glob patterns over conv names (a list, or 'pat,pat2')"),
     "target_macs": Key((float, int, str, type(None)), None, "find rates that keep this many MACs: a fraction "
                                                             "of the baseline (0.5) or a count (62M)"),
     "target_params": Key((float, int, str, type(None)), None, "as target_macs, for parameters"),

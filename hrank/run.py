@@ -92,7 +92,7 @@ class Run:
         scores = _hash([base, c["criterion"], _file_id(c["ranks"]), c["rank_images"], c["rank_batch_size"],
                         c["rank_augment"]])
         spec = _hash([scores, c["compress_rate"], c["rates"], c["target_macs"], c["target_params"], c["max_rate"],
-                      c["budget_order"], c["round_to"]])
+                      c["budget_order"], c["round_to"]] + ([c["ignore"]] if c["ignore"] else []))
         plan = _hash([spec, c["coupling"], c["width_rule"]])
         prune = _hash([plan, c["mode"], c["recalibrate"], c["recalibrate_images"]])
         finetune = _hash([prune, c["finetune"], c["select_on_test"], c["train_subset"]])
@@ -109,11 +109,12 @@ class Run:
         if c["checkpoint"]:
             load_weights(model, c["checkpoint"])
         if c["compress_rate"] is not None:
-            Spec.from_string(model, c["compress_rate"])
+            Spec.from_string(model, c["compress_rate"]).without(model, c["ignore"] or ())
         elif c["rates"] is not None:
             from hrank.spec import parse_mapping_string
 
-            Spec.from_mapping(model, parse_mapping_string(c["rates"]) if isinstance(c["rates"], str) else c["rates"])
+            Spec.from_mapping(model, parse_mapping_string(c["rates"]) if isinstance(c["rates"], str) else c["rates"],
+                              ignore=c["ignore"] or ())
         else:
             parse_target(c["target_macs"] if c["target_macs"] is not None else c["target_params"])
             if not (self.dir / "spec.json").exists():  # a target that cannot be met fails now, not after ranking
@@ -223,7 +224,7 @@ class Run:
         c = self.cfg
         metric = "macs" if c["target_macs"] is not None else "params"
         return find_budget(model, scores, target=c[f"target_{metric}"], metric=metric, max_rate=c["max_rate"],
-                           order=c["budget_order"], round_to=c["round_to"], progress=progress)
+                           order=c["budget_order"], round_to=c["round_to"], progress=progress, ignore=c["ignore"])
 
     def _latency(self, named: dict[str, nn.Module]) -> dict[str, dict]:
         """Batch-1 and batched latency of the given models, measured in alternation (same conditions)."""
@@ -309,12 +310,12 @@ class Run:
             self.print(f"budget: {result.describe()}")
             self.print(f"rates found: {text}" if text else "rates found: see spec.json")
         elif c["compress_rate"] is not None:
-            spec = Spec.from_string(model, c["compress_rate"])
+            spec = Spec.from_string(model, c["compress_rate"]).without(model, c["ignore"] or ())
         else:
             from hrank.spec import parse_mapping_string
 
             rates = parse_mapping_string(c["rates"]) if isinstance(c["rates"], str) else c["rates"]
-            spec = Spec.from_mapping(model, rates)
+            spec = Spec.from_mapping(model, rates, ignore=c["ignore"] or ())
         for note in spec.notes:
             self.print(f"note: {note}")
         try:
@@ -337,6 +338,8 @@ class Run:
                          width_rule=c["width_rule"])
         plan.save(self.dir / "plan.json")
         self.print(plan.summary())
+        for line in plan.skipped_lines(limit=20):
+            self.print(f"skipped: {line}")
 
     def _prune(self) -> None:
         c = self.cfg

@@ -262,3 +262,51 @@ def test_ignore_patterns_leave_groups_whole():
     coupled = Spec.from_mapping(model, {"layer1.0.conv2": 0.5}, ignore=["layer1.1.conv2"])
     with pytest.raises(HRankError, match="coupled with ignored layer1.1.conv2"):
         make_plan(model, _scores(model), coupled)
+
+
+class ResNeXtish(nn.Module):
+    """Two bottlenecks with grouped 3x3 convs and residual adds (ResNeXt), then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            self.blocks.append(nn.Sequential(nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                                             nn.Conv2d(32, 32, 3, padding=1, groups=8), nn.BatchNorm2d(32), nn.ReLU(),
+                                             nn.Conv2d(32, 32, 1), nn.BatchNorm2d(32)))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_budget_on_grouped_convs_hits_the_real_network(round_to):
+    from hrank.budget import find_budget
+
+    torch.manual_seed(0)
+    model = ResNeXtish().eval()
+    x = torch.randn(1, 3, 16, 16)
+    result = find_budget(model, _scores(model), target=0.6, example_input=x, round_to=round_to)
+    plan = make_plan(model, _scores(model), result.spec, example_input=x)
+    pruned = apply_plan(copy.deepcopy(model), plan, example_input=x)
+    real = flops.count(pruned, (3, 16, 16)).macs
+    assert real == result.macs and abs(real / flops.count(model, (3, 16, 16)).macs - 0.6) < 0.05
+    assert all(len(set(g.block_counts())) == 1 for g in plan.groups if g.blocks > 1)
+    assert any(g.blocks == 8 and g.width < g.channels for g in plan.groups)
+
+
+def test_budget_ignore_leaves_groups_whole():
+    from hrank.budget import find_budget
+
+    model = ResNeXtish().eval()
+    x = torch.randn(1, 3, 16, 16)
+    result = find_budget(model, _scores(model), target=0.7, example_input=x, round_to=1, ignore=["blocks.0.[03]"])
+    assert "blocks.0.0" not in result.spec.rates and "blocks.0.3" not in result.spec.rates
+    plan = make_plan(model, _scores(model), result.spec, example_input=x)
+    assert all(len(plan.layers.get(f"blocks.0.{i}", [0] * 32)) == 32 for i in (0, 3))
+    assert len(plan.layers["stem"]) < 32

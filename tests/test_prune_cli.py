@@ -173,3 +173,19 @@ def test_prune_cli_refuses_an_already_pruned_checkpoint(tmp_path, r20, capsys):
     assert main(["prune", "--model", "resnet_20", "--checkpoint", str(out / "model.pt"), "--ranks", str(ranks),
                  "--compress-rate", "[0.5]*19", "--out", str(tmp_path / "q")]) == 2
     assert "already pruned" in capsys.readouterr().err
+
+
+def test_prune_cli_ignore_and_skipped_report(tmp_path, r20, capsys):
+    ckpt, ranks = r20
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", "resnet_20", "--checkpoint", str(ckpt), "--ranks", str(ranks),
+                 "--rates", "*=0.5", "--ignore", "layer3.*", "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    widths = {m: g["width"] for g in plan["groups"] for m in g["members"]}
+    assert widths["layer2.0.conv1"] == 16 and "layer3.0.conv1" not in widths
+    assert plan["spec"]["ignored"] and all(c.startswith("layer3.") for c in plan["spec"]["ignored"])
+    assert main(["prune", "--model", "resnet_20", "--checkpoint", str(ckpt), "--ranks", str(ranks),
+                 "--rates", "layer2.0.conv2=0.5", "--ignore", "layer2.1.conv2", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "coupled with ignored layer2.1.conv2" in err[0]
+    assert not (tmp_path / "x").exists()

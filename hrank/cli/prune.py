@@ -52,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="YAML/JSON file: PATTERN: RATE lines, or compress_rate:/rates: keys")
     src.add_argument("--rates", default=None,
                      help="\"PATTERN=RATE,...\" with glob patterns over conv names (overrides the above)")
+    src.add_argument("--ignore", default=None,
+                     help="\"PATTERN,...\": convs to leave alone, with every group they are coupled into "
+                          "(glob patterns over conv names)")
     src.add_argument("--target-macs", default=None,
                      help="instead of rates: find rates that keep this many MACs on the real pruned network, "
                           "a fraction (0.5) or a count (62M)")
@@ -120,7 +123,7 @@ def _make_spec(args: argparse.Namespace, model: nn.Module):
         spec = Spec.from_mapping(model, parse_mapping_string(args.rates), base=spec)
     if spec is None:
         raise HRankError("give the rates: --compress-rate, --rates-file and/or --rates (or --plan)")
-    return spec
+    return spec.without(model, args.ignore) if args.ignore else spec
 
 
 def _accuracy(model: nn.Module, batches: Batches, limit: int | None) -> float:
@@ -216,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
 
         scores = _load_scores(args, model)
         budget = find_budget(model, scores, target=target, metric="macs" if args.target_macs is not None else "params",
-                             max_rate=args.max_rate, order=args.budget_order, round_to=args.round_to, progress=print)
+                             max_rate=args.max_rate, order=args.budget_order, round_to=args.round_to, progress=print,
+                             ignore=args.ignore)
         spec = budget.spec
         text = budget.hrank_string()
         print(f"budget: {budget.describe()}; rates: {text or 'see plan.json'}")
@@ -252,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{plan.summary()} (criterion {plan.criterion}, width rule {plan.width_rule}, "
           f"mode {args.mode})")
     print(format_table(["layer", "channels", "kept", "rate", "coupled with"], rows, align="lrrrl"))
+    for line in plan.skipped_lines(limit=20):
+        print(f"skipped: {line}")
     print(f"before: {_mb(before.macs)} MACs, {_mb(before.params)} params")
     if args.mode == "physical":
         print(f"after:  {_mb(after.macs)} MACs ({100 * (1 - after.macs / before.macs):.1f}% fewer), "
