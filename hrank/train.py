@@ -244,6 +244,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
     The model is put in eval mode and its mode restored. ``all_reduce`` sums the counts over DDP
     processes (each having evaluated a disjoint shard). ``per_class`` is None for a class with no images.
+    Non-finite outputs are an error (a "loss nan" would be silent garbage).
     """
     was_training = model.training
     model.eval()
@@ -257,11 +258,13 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             out = out.float()
             c = num_classes or out.shape[1]
             if totals is None:
-                totals = {"loss": torch.zeros((), dtype=torch.float64, device=device),
+                totals = {"nonfinite": torch.zeros((), dtype=torch.long, device=device),
+                          "loss": torch.zeros((), dtype=torch.float64, device=device),
                           "top1": torch.zeros((), dtype=torch.long, device=device),
                           "top5": torch.zeros((), dtype=torch.long, device=device),
                           "class_total": torch.zeros(c, dtype=torch.long, device=device),
                           "class_correct": torch.zeros(c, dtype=torch.long, device=device)}
+            totals["nonfinite"] += (~torch.isfinite(out)).any(dim=1).sum()  # summed, not synced per batch
             totals["loss"] += nn.functional.cross_entropy(out, y, reduction="sum").double()
             topk = out.topk(min(5, out.shape[1]), dim=1).indices
             hit = topk == y[:, None]
@@ -279,6 +282,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         for t in totals.values():
             _all_reduce(t, dist)
     n = int(totals["class_total"].sum())
+    if int(totals["nonfinite"]):
+        raise HRankError(f"the model's outputs are not finite (NaN or inf) on {int(totals['nonfinite'])} of {n} "
+                         "images: its weights or BatchNorm statistics are broken; no metrics computed")
     cls_total = totals["class_total"].tolist()
     cls_correct = totals["class_correct"].tolist()
     return {
@@ -590,25 +596,27 @@ def fit(model: nn.Module, train_batches: Batches, val_batches: Batches | None, r
     if resume and last_path.exists():
         ckpt = read_checkpoint(last_path)
         _check_identity(ckpt["identity"], identity, out_dir)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    _barrier(dist)
 
-    trainer = _Trainer(model, recipe, len(train_batches), device, dist)
+    trainer = _Trainer(model, recipe, len(train_batches), device, dist)  # may refuse the recipe: before any write
     model = trainer.model
-    start_epoch, best_metric, best_epoch, best_val, elapsed_before = 0, -math.inf, 0, None, 0.0
+    start_epoch, best_metric, best_epoch, best_val, best_test, elapsed_before = 0, -math.inf, 0, None, None, 0.0
     best_state: dict[str, torch.Tensor] | None = None
+    pending: _PendingBest | None = None
     if ckpt is not None:
-        trainer.restore(ckpt)
         start_epoch, elapsed_before = int(ckpt["epoch"]), float(ckpt.get("elapsed", 0.0))
         best_metric, best_epoch, best_val = float(ckpt["best_metric"]), int(ckpt["best_epoch"]), ckpt["best_val"]
-        best_state = _read_best_state(best_path, best_epoch)
+        best_test = ckpt.get("best_test")
+        best_state, pending = _resume_best(best_path, ckpt, dist.is_main)
+        trainer.restore(ckpt)
         if ckpt.get("world_size", 1) != dist.world_size and dist.is_main:
             printer(f"note: resuming a {ckpt.get('world_size', 1)}-process run with {dist.world_size} "
                     "process(es): data shards differ, so the result will not be bit-identical")
         del ckpt
     elif resume and dist.is_main:
         printer(f"no checkpoint in {out_dir}; starting a new run")
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    _barrier(dist)
 
     log = _Log(out_dir, dist.is_main, printer, tensorboard)
     if dist.is_main:
@@ -640,8 +648,11 @@ def fit(model: nn.Module, train_batches: Batches, val_batches: Batches | None, r
             metric = (test if select_on_test else val)["top1"]
             improved = metric > best_metric
             if improved:
-                best_metric, best_epoch, best_val = metric, epoch + 1, val
+                best_metric, best_epoch, best_val, best_test = metric, epoch + 1, val, test
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if pending is not None and epoch + 1 >= pending.epoch:
+                pending.check(improved, epoch + 1)  # the re-run epoch must become the best again
+                pending = None
             for prefix, m in (("val", val), ("test", test)):
                 if m is not None:
                     row.update({f"{prefix}_loss": m["loss"], f"{prefix}_top1": m["top1"], f"{prefix}_top5": m["top5"]})
@@ -651,14 +662,18 @@ def fit(model: nn.Module, train_batches: Batches, val_batches: Batches | None, r
                 common = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch + 1,
                           "model": state, "plan": state["record"]["plan"], "recipe": recipe.to_json(),
                           "identity": identity}
-                if improved:  # best before last: a kill in between re-runs this epoch identically
-                    atomic_torch_save({**common, "kind": "best", "metric": metric, "val": val, "test": test,
-                                       "selected_on": run_info["selected_on"]}, best_path)
+                # Order matters, so that a kill after any write resumes (see _resume_best): the metrics line
+                # first (a resume drops lines after last.pt's epoch), then last.pt (holding the best epoch's
+                # number and metrics), then best.pt, which may lag last.pt by this epoch: then last.pt's
+                # weights are the best ones and best.pt is rewritten from them.
+                log.record(row)
                 atomic_torch_save({**common, "kind": "last", **trainer.state(), "rng": rng,
                                    "best_metric": best_metric, "best_epoch": best_epoch, "best_val": best_val,
+                                   "best_test": best_test, "selected_on": run_info["selected_on"],
                                    "world_size": dist.world_size,
                                    "elapsed": elapsed_before + time.perf_counter() - t_start}, last_path)
-                log.record(row)
+                if improved:
+                    atomic_torch_save(_best_record(common, metric, val, test, run_info["selected_on"]), best_path)
                 log.print(_epoch_line(row, recipe.epochs, best_metric, best_epoch, "test" if select_on_test else "val"))
             _barrier(dist)
         else:
@@ -712,15 +727,53 @@ def _check_fit_inputs(train_batches: Batches, val_batches: Batches | None, test_
     return info
 
 
-def _read_best_state(best_path: Path, best_epoch: int) -> dict[str, torch.Tensor] | None:
+def _best_record(common: dict[str, Any], metric: float, val: dict | None, test: dict | None,
+                 selected_on: str) -> dict[str, Any]:
+    """best.pt's content: the checkpoint fields of the best epoch plus its selection metric and metrics."""
+    return {**common, "kind": "best", "metric": metric, "val": val, "test": test, "selected_on": selected_on}
+
+
+@dataclass
+class _PendingBest:
+    """best.pt written by an older hrank *before* last.pt: it holds the epoch about to be re-run, whose
+    re-run (bit-identical on CPU) makes it the best again; only if it does not is the selection lost."""
+
+    epoch: int
+    best_epoch: int
+    path: Path
+
+    def check(self, improved: bool, epoch: int) -> None:
+        if not (improved and epoch == self.epoch):
+            raise HRankError(f"{self.path} held epoch {self.epoch}, whose re-run did not reproduce it (not "
+                             f"bit-identical on this device), and epoch {self.best_epoch}'s weights are gone; "
+                             "cannot resume the model selection: start over with --force")
+
+
+def _resume_best(best_path: Path, ckpt: dict[str, Any], is_main: bool
+                 ) -> tuple[dict[str, torch.Tensor] | None, _PendingBest | None]:
+    """The best epoch's weights for a run resumed from ``ckpt`` (last.pt), and a pending check if any.
+
+    best.pt is derived: when a kill came between last.pt and best.pt, the best epoch is last.pt's own
+    epoch, so its weights are last.pt's and best.pt is rewritten from them.
+    """
+    best_epoch, epoch = int(ckpt["best_epoch"]), int(ckpt["epoch"])
     if best_epoch == 0:
-        return None
-    if best_path.exists():
-        best = read_checkpoint(best_path)
-        if int(best.get("epoch", -1)) == best_epoch:
-            return best["model"]["state_dict"]
-    raise HRankError(f"{best_path} is missing or does not hold epoch {best_epoch}; cannot resume the model "
-                     "selection")
+        return None, None
+    best = read_checkpoint(best_path) if best_path.exists() else None
+    held = int(best.get("epoch", -1)) if best is not None else None
+    if held == best_epoch:
+        return best["model"]["state_dict"], None
+    if best_epoch == epoch:  # killed after last.pt, before best.pt
+        state = ckpt["model"]["state_dict"]
+        if is_main:
+            common = {k: ckpt[k] for k in ("format", "version", "epoch", "model", "plan", "recipe", "identity")}
+            atomic_torch_save(_best_record(common, float(ckpt["best_metric"]), ckpt["best_val"],
+                                           ckpt.get("best_test"), ckpt.get("selected_on", "val")), best_path)
+        return dict(state), None
+    if held == epoch + 1 and float(best.get("metric", -math.inf)) > float(ckpt["best_metric"]):
+        return None, _PendingBest(held, best_epoch, best_path)  # an older hrank wrote best.pt first
+    raise HRankError(f"{best_path} is {'missing' if best is None else f'of epoch {held}'} but last.pt's best epoch "
+                     f"is {best_epoch}; cannot resume the model selection (restore best.pt or start over with --force)")
 
 
 def _gather_rng(dist: DistInfo) -> list[dict[str, Any]] | None:
