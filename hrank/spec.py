@@ -49,9 +49,11 @@ def num_pruned(rate: float, channels: int) -> int:
 class _Parser:
     """Recursive-descent parser over the raw string; every error names its 1-based column."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, max_entries: int = 100_000, bound_reason: str = "") -> None:
         self.text = text
         self.pos = 0
+        self.max_entries = max_entries
+        self.bound_reason = bound_reason
 
     def error(self, message: str, pos: int | None = None) -> HRankError:
         col = (self.pos if pos is None else pos) + 1
@@ -102,6 +104,7 @@ class _Parser:
         return float(t[start:i])
 
     def integer(self) -> int:
+        """A repeat count, at most ``max_entries + 1`` (larger counts are clipped: the bound is exceeded anyway)."""
         self.skip_ws()
         start = self.pos
         while self.pos < len(self.text) and self.text[self.pos].isdigit():
@@ -110,18 +113,32 @@ class _Parser:
             raise self.error(f"expected a repeat count (a whole number), {self.found()}")
         if self.pos < len(self.text) and self.text[self.pos] in ".eE":
             raise self.error("a repeat count must be a whole number", start)
-        return int(self.text[start:self.pos])
+        digits = self.text[start:self.pos].lstrip("0") or "0"
+        if len(digits) > len(str(self.max_entries)):  # never int() a huge digit string
+            return self.max_entries + 1
+        return min(int(digits), self.max_entries + 1)
+
+    def too_long(self, start: int) -> HRankError:
+        """The error for a string that expands past the bound (``start``: where the offending term begins)."""
+        why = self.bound_reason or f"at most {self.max_entries} are accepted"
+        return HRankError(f"compress_rate expands to more than {self.max_entries} entries (from column {start + 1}); "
+                          f"{why}")
 
     def bracket_list(self) -> list[float]:
         self.expect("[")
+        start = self.pos
         values = [self.number()]
         while self.peek() == ",":
             self.pos += 1
             values.append(self.number())
+            if len(values) > self.max_entries:
+                raise self.too_long(start)
         self.expect("]")
         return values
 
-    def term(self) -> list[float]:
+    def term(self, before: int) -> list[float]:
+        """One ``[...]*n`` term, expanded only after ``before + len * n`` is checked against the bound."""
+        start = self.pos
         count = 1
         if self.peek().isdigit():  # 35*[0.6], as Python allows
             count = self.integer()
@@ -131,30 +148,46 @@ class _Parser:
         values = self.bracket_list()
         while self.peek() == "*":
             self.pos += 1
-            count *= self.integer()
+            count = min(count * self.integer(), self.max_entries + 1)  # clipped: exact up to the bound
+        if before + len(values) * count > self.max_entries:
+            raise self.too_long(start)
         return values * count
 
     def parse(self) -> list[float]:
         if not self.peek():
             raise self.error("empty compress_rate")
-        values = self.term()
+        values = self.term(0)
         while self.peek() == "+":
             self.pos += 1
-            values += self.term()
+            values += self.term(len(values))
         if self.peek():
             raise self.error(f"expected '+' or the end, {self.found()}")
         return values
 
 
-def parse_rates(text: str) -> list[float]:
+# With no model at hand, the expanded list is bounded by this many entries: far more than any CNN has
+# (ResNet-110: 109), small enough that a typo like [0.1]*100000000 fails at once instead of after 1 GB.
+MAX_RATE_ENTRIES = 100_000
+
+
+def parse_rates(text: str, max_entries: int | None = None) -> list[float]:
     """Parse HRank's list syntax (``[0.1]+[0.6]*35+[0.0, 0.1]``) into a flat list of floats.
 
     Supports ``[a]``, ``[a, b, ...]``, ``*n`` (also ``n*[...]``), ``+`` and whitespace; never evaluates code.
     Syntax errors are one line naming the column. Values are not range-checked here (see :class:`Spec`).
+    The expanded length is bounded *before* anything is expanded: by ``max_entries`` (e.g. the model's
+    number of rate entries) or, with none given, by :data:`MAX_RATE_ENTRIES`.
     """
     if not isinstance(text, str):
         raise HRankError(f"compress_rate must be a string, got {type(text).__name__}")
-    values = _Parser(text).parse()
+    if max_entries is None:
+        parser = _Parser(text, MAX_RATE_ENTRIES, f"without a model the bound is a fixed {MAX_RATE_ENTRIES}, far "
+                                                 "more than any model has rate entries")
+    else:
+        if max_entries < 0:
+            raise ValueError(f"max_entries must be >= 0, got {max_entries}")
+        parser = _Parser(text, max_entries, f"the model has {max_entries} rate entries")
+    values = parser.parse()
     for v in values:
         if not math.isfinite(v):
             raise HRankError(f"compress_rate holds a non-finite value {v!r}")
