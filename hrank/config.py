@@ -177,9 +177,14 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     for key in ("rank_images", "rank_batch_size", "recalibrate_images", "latency_batch", "round_to"):
         if cfg[key] < 1:
             raise HRankError(f"config key {key!r} must be >= 1, got {cfg[key]}")
-    for key in ("train_subset", "test_subset"):
+    for key in ("train_subset", "test_subset", "num_classes"):
         if cfg[key] is not None and cfg[key] < 1:
             raise HRankError(f"config key {key!r} must be >= 1, got {cfg[key]}")
+    for key in ("seed", "val_size"):
+        if cfg[key] < 0:
+            raise HRankError(f"config key {key!r} must be >= 0, got {cfg[key]}")
+    if not 0 < cfg["max_rate"] < 1:
+        raise HRankError(f"config key 'max_rate' must be in (0, 1), got {cfg['max_rate']}")
     if cfg["coupling"] == "independent" and cfg["mode"] != "mask":
         raise HRankError("coupling 'independent' keeps different channels in coupled convs: only mode 'mask' "
                          "can apply it")

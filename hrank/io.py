@@ -6,7 +6,9 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,15 +74,42 @@ def atomic_save_with(path: str | os.PathLike, writer: Callable[[str], None]) -> 
     return _atomic(path, writer)
 
 
-def prepare_output(path: str | os.PathLike, *, force: bool = False, is_dir: bool = False) -> Path:
-    """Refuse to overwrite an existing output unless ``force``; with ``force`` an existing dir is replaced."""
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Raise unless ``path`` can be written: an existing directory must be writable, and a path to create needs
+    a writable directory as its nearest existing ancestor. Checked up front, so no work is lost to it."""
+    path = Path(path)
+    target = path if path.is_dir() else path.parent
+    probe = target.absolute()
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link: creating through it fails
+            raise HRankError(f"cannot create {what} {path}: {probe} is a broken link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise HRankError(f"cannot create {what} {path}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise HRankError(f"cannot write {what} {path}: no write permission in {probe}")
+
+
+def check_output(path: str | os.PathLike, *, force: bool = False, is_dir: bool = False,
+                 what: str = "output") -> Path:
+    """What :func:`prepare_output` checks, writing nothing: an existing output without ``force``, a file where a
+    directory is expected (or the reverse), and a place that cannot be written."""
     path = Path(path)
     if path.exists():
+        kind = "directory" if path.is_dir() else "file"
         if not force:
-            kind = "directory" if path.is_dir() else "file"
-            raise HRankError(f"output {kind} {path} already exists (use --force to overwrite)")
-        if is_dir and path.is_dir():
-            shutil.rmtree(path)
+            raise HRankError(f"{what} {kind} {path} already exists (use --force to overwrite)")
+        if is_dir != path.is_dir():
+            raise HRankError(f"{what} {path} is a {kind}, expected a {'directory' if is_dir else 'file'}")
+    check_writable(path, what)
+    return path
+
+
+def prepare_output(path: str | os.PathLike, *, force: bool = False, is_dir: bool = False) -> Path:
+    """Refuse to overwrite an existing output unless ``force``; with ``force`` an existing dir is replaced."""
+    path = check_output(path, force=force, is_dir=is_dir)
+    if path.exists() and is_dir:
+        shutil.rmtree(path)
     if is_dir:
         path.mkdir(parents=True, exist_ok=True)
     else:
@@ -88,14 +117,58 @@ def prepare_output(path: str | os.PathLike, *, force: bool = False, is_dir: bool
     return path
 
 
+@dataclass(frozen=True)
+class FreshOutput:
+    """An output directory that held nothing before a command ran, and how to leave it so again if the
+    command fails: remove the topmost directory it created, or empty the directory that was there."""
+
+    path: Path
+    created: Path | None  # the topmost missing directory on the way to ``path``; None when ``path`` existed
+
+    @staticmethod
+    def of(path: str | os.PathLike) -> FreshOutput | None:
+        """The state of ``path`` now; None when it already holds something (then nothing is ever removed)."""
+        path = Path(path)
+        if path.exists():
+            return FreshOutput(path, None) if path.is_dir() and not any(path.iterdir()) else None
+        top = path.absolute()
+        while not top.parent.exists():
+            top = top.parent
+        return FreshOutput(path, top)
+
+    def undo(self) -> None:
+        """Remove everything written since :meth:`of`."""
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+        elif self.path.is_dir():
+            for child in self.path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+
+
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:
-    """Return ``path`` as a Path, or raise a one-line error when it is missing."""
+    """Return ``path`` as a Path, or raise a one-line error when it is missing, a directory or empty."""
     path = Path(path)
     if not path.exists():
         raise HRankError(f"{what} not found: {path}")
     if path.is_dir():
         raise HRankError(f"{what} is a directory, expected a file: {path}")
+    if path.stat().st_size == 0:
+        raise HRankError(f"{what} is empty: {path}")
     return path
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """A JSON file's content; a file that is not JSON is a one-line error naming the line and column."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise HRankError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise HRankError(f"cannot read {what} {path}: {_first_line(e)}") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -103,13 +176,29 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+def _torch_load_error(e: BaseException) -> str:
+    """The useful part of torch.load's message: the safe unpickler's own reason, not its page of advice."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else ""
+        reason = reason.splitlines()[0].strip() if reason else "it holds more than tensors and plain data"
+        return f"refused by the safe loader ({reason[:150]}); hrank reads only tensors and plain data, never code"
+    return _first_line(e)
+
+
 def load_torch_file(path: str | os.PathLike, what: str = "file") -> Any:
-    """``torch.load`` with ``weights_only=True`` (never runs code from the file); problems are one line."""
+    """``torch.load`` with ``weights_only=True`` (never runs code from the file); problems are one line.
+
+    torch's warnings about the file (e.g. an unusual pickle protocol) are silenced: the outcome is either the
+    content or this function's one-line error.
+    """
     path = require_file(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, not a torch file, or pickled code
-        raise HRankError(f"cannot read {what} {path}: {_first_line(e)}") from None
+        raise HRankError(f"cannot read {what} {path}: {_torch_load_error(e)}") from None
 
 
 def load_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> tuple[dict, str]:

@@ -19,6 +19,7 @@ Presets
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -84,10 +85,11 @@ class Recipe:
         checks = [
             ("epochs", self.epochs >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
-            ("lr", self.lr > 0, "must be > 0"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
             ("lr_ref_batch", self.lr_ref_batch >= 0, "must be >= 0"),
             ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             "must be a finite number >= 0"),
             ("gamma", 0 < self.gamma <= 1, "must be in (0, 1]"),
             ("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs, "must be in [0, epochs]"),
             ("final_lr_fraction", 0 <= self.final_lr_fraction <= 1, "must be in [0, 1]"),

@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except HRankError as e:
         print(f"hrank: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system said no after the up-front checks (a race, a full disk): still one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"hrank: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("hrank: interrupted", file=sys.stderr)
         return 130

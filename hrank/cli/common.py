@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -49,3 +51,34 @@ def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "cifar10
                    help="folder holding the dataset (default: $HRANK_DATA or ./data); CIFAR is downloaded "
                         "there when absent and a network is available")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the data is absent")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` for whole numbers >= ``low``, so a bad value fails before any work starts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type`` for finite numbers (no nan, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+NONNEG_INT = int_at_least(0)
+POSITIVE_INT = int_at_least(1)
