@@ -174,6 +174,7 @@ class _BatchUnpickler(pickle.Unpickler):
         try:
             return _BatchUnpickler._allowed[(module, name)]
         except KeyError:
+            module = "builtins" if module == "__builtin__" else module  # Python 2's name (protocol 2)
             raise _Refused(f"it names {module}.{name}, which a CIFAR batch never holds (unpickling it could run "
                           "code)") from None
 

@@ -31,13 +31,14 @@ from hrank.checkpoint import save as save_model
 from hrank.criteria import l1_scores, weight_scores
 from hrank.data import ImageSet, Normalization, check_cifar, default_data_dir, load_batch_files, load_cifar
 from hrank.errors import HRankError
-from hrank.io import atomic_write_json, atomic_write_text
+from hrank.io import FreshOutput, atomic_save_with, atomic_write_json, atomic_write_text, check_writable, read_json
 from hrank.plan import Plan, make_plan
 from hrank.profile import compare_latency, state_dict_bytes
 from hrank.prune import apply_plan, hrank_rule_counts, recalibrate_bn
 from hrank.ranks import Ranks, compute_ranks, model_fingerprint
 from hrank.spec import Spec
 from hrank.train import evaluate, fit, make_eval_batches, make_train_batches, split_train_val
+from hrank.validate import check_finite
 
 STAGES = ("baseline", "scores", "spec", "plan", "prune", "finetune", "evaluate", "export", "report")
 
@@ -72,10 +73,11 @@ class Run:
         self.input_size = self.spec_info.input_size
         self.stage_keys = self._stage_keys()
         self._data: dict[str, ImageSet | None] | None = None
+        self.state: dict[str, Any] = {}
+        self._fresh = FreshOutput.of(self.dir) if not self.dir.is_file() else None  # what an early error undoes
+        self._changed: list[str] = []  # config keys that differ from the run directory's (accepted with force)
         self._preflight()
         self._claim_directory()
-        state_path = self.dir / "stages.json"
-        self.state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
 
     # -- set-up -------------------------------------------------------------------------------------------
     @staticmethod
@@ -103,11 +105,14 @@ class Run:
                 "finetune": finetune, "evaluate": evaluate_key, "export": export, "report": report}
 
     def _preflight(self) -> None:
-        """Cheap checks of everything the stages will need, before anything is written."""
+        """Checks of everything the stages will need, before anything is written: the run directory, the
+        inputs, and (when a stage is left to run) the data and the sizes that depend on it."""
         c = self.cfg
+        self._check_directory()
         model = models.create(c["model"], num_classes=self.num_classes)
         if c["checkpoint"]:
             load_weights(model, c["checkpoint"])
+            check_finite(model, f"checkpoint {c['checkpoint']}")
         if c["compress_rate"] is not None:
             Spec.from_string(model, c["compress_rate"]).without(model, c["ignore"] or ())
         elif c["rates"] is not None:
@@ -125,23 +130,60 @@ class Run:
         for path in (c["lossless_test"],):
             if path and not Path(path).is_file():
                 raise HRankError(f"file not found: {path}")
-        config.finetune_recipe(c)
-        if not c["checkpoint"]:
-            config.baseline_recipe(c)
+        finetune = config.finetune_recipe(c)
+        baseline = config.baseline_recipe(c) if not c["checkpoint"] else None
+        if self._stages_left():
+            self._check_data(finetune, baseline)
+
+    def _check_directory(self) -> None:
+        """The run directory can be written, and what it holds is an hrank run (or nothing)."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise HRankError(f"--out {self.dir} is a file, expected a directory")
+        check_writable(self.dir, "run directory")
+        cfg_path, state_path = self.dir / "config.json", self.dir / "stages.json"
+        if cfg_path.exists():
+            saved = read_json(cfg_path, "run config")
+            if not isinstance(saved, dict) or not isinstance(saved.get("identity"), dict):
+                raise HRankError(f"{cfg_path} was not written by hrank run: {self.dir} is not an hrank run directory; "
+                                 "use another --out")
+            mine, theirs = config.identity(self.cfg), saved["identity"]
+            self._changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if self._changed and not self.force:
+                raise HRankError(f"{self.dir} holds a run with a different config (changed: "
+                                 f"{', '.join(self._changed)}); use another --out or --force to rerun what changed")
+        elif self.dir.is_dir() and any(self.dir.iterdir()) and not self.force:
+            raise HRankError(f"{self.dir} exists and is not an hrank run directory; use another --out or --force")
+        if state_path.exists():
+            state = read_json(state_path, "stage record")
+            if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+                raise HRankError(f"{state_path} is not a stage record written by hrank run; use another --out")
+            self.state = state
+
+    def _stages_left(self) -> bool:
+        return not all((self.state.get(s) or {}).get("key") == self.stage_keys[s] and self.state[s].get("done")
+                       for s in STAGES)
+
+    def _check_data(self, finetune: Any, baseline: Any) -> None:
+        """Load the data now (download included) and check every size that depends on it."""
+        c = self.cfg
+        data = self.data  # validates the files, val_size and the lossless test file
+        classes = data["train"].num_classes
+        if self.num_classes != classes:
+            raise HRankError(f"num_classes {self.num_classes} does not match {c['dataset']} ({classes} classes)")
+        for what, recipe in (("finetune", finetune), ("baseline", baseline)):
+            if recipe is not None and recipe.batch_size > len(data["finetune"]):
+                raise HRankError(f"{what} batch_size {recipe.batch_size} is larger than the training set "
+                                 f"({len(data['finetune'])} images)")
+        if c["criterion"] == "hrank" and not c["ranks"] and c["rank_images"] > len(data["train"]):
+            raise HRankError(f"rank_images {c['rank_images']} is more than the {len(data['train'])} training images "
+                             "(after the validation split); lower rank_images")
 
     def _claim_directory(self) -> None:
+        """Make the directory this configuration's (checked in _check_directory): config.json is written."""
         cfg_path = self.dir / "config.json"
         mine = config.identity(self.cfg)
-        if cfg_path.exists():
-            theirs = json.loads(cfg_path.read_text()).get("identity", {})
-            if theirs != mine:
-                changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-                if not self.force:
-                    raise HRankError(f"{self.dir} holds a run with a different config (changed: "
-                                     f"{', '.join(changed)}); use another --out or --force to rerun what changed")
-                self.print(f"config changed ({', '.join(changed)}): stages that depend on it will rerun")
-        elif self.dir.exists() and any(self.dir.iterdir()) and not self.force:
-            raise HRankError(f"{self.dir} exists and is not an hrank run directory; use another --out or --force")
+        if self._changed:
+            self.print(f"config changed ({', '.join(self._changed)}): stages that depend on it will rerun")
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cfg_path, {"identity": mine, "config": self.cfg, "hrank_version": __version__})
 
@@ -396,7 +438,7 @@ class Run:
                          select_on_test=c["select_on_test"] or val is None, progress=self.progress,
                          printer=self.print)
         atomic_write_json(self.dir / "finetune.json", {"recipe": recipe.to_json(), **result.to_json()})
-        shutil.copyfile(out / "model.pt", self.dir / "model.pt")
+        atomic_save_with(self.dir / "model.pt", lambda tmp: shutil.copyfile(out / "model.pt", tmp))
 
     def _evaluate(self) -> None:
         model, meta = load_model(self.dir / "model.pt")
@@ -513,7 +555,19 @@ class Run:
 
     # -- driver -------------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
-        """Run every stage that is not done yet; return the summary."""
+        """Run every stage that is not done yet; return the summary.
+
+        An error (HRankError) leaves a directory that was new (or empty) as it was, unless training has saved
+        a checkpoint in it: that work is kept for the next invocation to resume.
+        """
+        try:
+            return self._execute()
+        except HRankError:
+            if self._fresh is not None and not any(self.dir.rglob("last.pt")):
+                self._fresh.undo()
+            raise
+
+    def _execute(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         self._stage("baseline", ["baseline.pt", "baseline.json"], self._baseline)
         self._stage("scores", ["scores.npz"], self._scores)

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from hrank import config, flops, models
-from hrank.cli.common import add_device_arg, format_table, resolve_device
+from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_device_arg, finite_float, format_table, resolve_device
 from hrank.data import Batches, Normalization, load_cifar
 from hrank.errors import HRankError
-from hrank.io import atomic_write_json
+from hrank.io import FreshOutput, atomic_write_json, check_output
+from hrank.validate import check_finite
 
 CRITERIA = ("hrank", "l1", "random")
 ORDERS = config.KEYS["budget_order"].choices  # hrank.budget's, without importing it for --help
@@ -36,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "(physically by default, or as HRank's masks), optionally re-estimate BN statistics on "
                     "training images, and write DIR/plan.json, DIR/model.pt and DIR/summary.json.")
     p.add_argument("--model", required=True, help=f"architecture ({', '.join(models.names())})")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier width (default: the arch's)")
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width (default: the arch's)")
     p.add_argument("--checkpoint", default=None,
                    help="weights of the unpruned model (any state_dict checkpoint, or a file from hrank.save)")
     src = p.add_argument_group("what to prune (ranks + rates, or a plan)")
@@ -44,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="ranks file from `hrank rank` (.npz), or an official rank_conv/<arch>/ folder")
     src.add_argument("--criterion", default="hrank", choices=CRITERIA,
                      help="filter scores: hrank (needs --ranks), l1 (weight norms) or random (seeded)")
-    src.add_argument("--seed", type=int, default=0, help="seed of --criterion random (default %(default)s)")
+    src.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of --criterion random (default %(default)s)")
     src.add_argument("--compress-rate", default=None,
                      help="HRank list syntax, one rate per entry in HRank order, e.g. \"[0.1]+[0.60]*35+...\" "
                           "(see `hrank info --model NAME` for the order)")
@@ -59,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="instead of rates: find rates that keep this many MACs on the real pruned network, "
                           "a fraction (0.5) or a count (62M)")
     src.add_argument("--target-params", default=None, help="as --target-macs, for parameters")
-    src.add_argument("--max-rate", type=float, default=0.9,
+    src.add_argument("--max-rate", type=finite_float, default=0.9,
                      help="largest rate a budget search may give one group (default %(default)s)")
     src.add_argument("--budget-order", default=ORDER_DEFAULT, choices=ORDERS,
                      help="order in which a budget search takes channels (default %(default)s; docs/pruning.md)")
@@ -82,10 +83,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--normalization", default=None,
                       help="cifar or imagenet (default: what the checkpoint carries, else the arch's)")
     data.add_argument("--no-recalibrate", action="store_true", help="skip BN recalibration")
-    data.add_argument("--calib-images", type=int, default=512,
+    data.add_argument("--calib-images", type=POSITIVE_INT, default=512,
                       help="training images for BN recalibration (default %(default)s)")
-    data.add_argument("--eval-images", type=int, default=None, help="test images to evaluate (default: all)")
-    data.add_argument("--batch-size", type=int, default=256, help="batch size for data passes (default %(default)s)")
+    data.add_argument("--eval-images", type=POSITIVE_INT, default=None, help="test images to evaluate (default: all)")
+    data.add_argument("--batch-size", type=POSITIVE_INT, default=256,
+                      help="batch size for data passes (default %(default)s)")
     add_device_arg(p)
     p.add_argument("--out", required=True, help="output directory (plan.json, model.pt, summary.json)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -142,11 +144,28 @@ def _accuracy(model: nn.Module, batches: Batches, limit: int | None) -> float:
     return 100.0 * correct / max(1, total)
 
 
+def _dataset(args: argparse.Namespace, arch_spec) -> str:
+    return args.dataset or ("imagenet" if arch_spec.dataset == "imagenet" else "cifar10")
+
+
+def _check_data(args: argparse.Namespace, arch_spec) -> None:
+    """The data flags, checked before any work: a CIFAR folder must be there (or downloadable)."""
+    if args.dataset is None and args.data_dir is None:
+        if args.eval_images is not None:
+            raise HRankError("--eval-images needs data: give --data-dir (or --dataset)")
+        return
+    if _dataset(args, arch_spec) != "imagenet":
+        from hrank.data import check_cifar
+
+        check_cifar(args.data_dir or os.environ.get("HRANK_DATA", "data"), _dataset(args, arch_spec),
+                    download=not args.no_download)
+
+
 def _data(args: argparse.Namespace, arch_spec, norm: Normalization, device: torch.device):
     """(calibration batches, test batches) or (None, None) when no data was asked for."""
     if args.dataset is None and args.data_dir is None:
         return None, None
-    dataset = args.dataset or ("imagenet" if arch_spec.dataset == "imagenet" else "cifar10")
+    dataset = _dataset(args, arch_spec)
     root = args.data_dir or os.environ.get("HRANK_DATA", "data")
     if dataset == "imagenet":
         from hrank.data import imagenet_loader
@@ -184,11 +203,7 @@ def run(args: argparse.Namespace) -> int:
     from hrank.spec import Spec
 
     t0 = time.time()
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise HRankError(f"output directory {out} already exists (use --force to overwrite)")
-    if out.exists() and not out.is_dir():
-        raise HRankError(f"--out {out} is a file, expected a directory")
+    out = check_output(args.out, force=args.force, is_dir=True, what="output")
     if args.plan and (args.ranks or args.compress_rate or args.rates_file or args.rates or args.independent):
         raise HRankError("--plan replaces --ranks/--compress-rate/--rates-file/--rates/--independent; give one way")
     target = args.target_macs if args.target_macs is not None else args.target_params
@@ -207,7 +222,9 @@ def run(args: argparse.Namespace) -> int:
     ckpt_info: dict[str, Any] = {"normalization": None}
     if args.checkpoint:
         ckpt_info = load_weights(model, args.checkpoint)
+        check_finite(model, f"checkpoint {args.checkpoint}")
     norm = Normalization.get(args.normalization or ckpt_info["normalization"] or arch_spec.normalization)
+    _check_data(args, arch_spec)  # cheap: missing data fails before ranks are read or a budget is searched
 
     if args.plan:
         plan = Plan.load(args.plan)
@@ -291,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
                    for g in plan.groups for m in g.members],
         "seconds": round(time.time() - t0, 2),
     }
+    parent = FreshOutput.of(out.parent) if not out.parent.exists() else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -301,6 +319,8 @@ def run(args: argparse.Namespace) -> int:
         _move_into_place(tmp, out, args.force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if parent is not None:  # no empty directories left behind either
+            parent.undo()
         raise
     print(f"wrote {out}/plan.json, {out}/model.pt, {out}/summary.json")
     return 0

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from hrank import models
-from hrank.cli.common import add_data_args, add_device_arg, format_table, resolve_device
-from hrank.data import NORMALIZATIONS, imagenet_loader, load_cifar
+from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_data_args, add_device_arg, format_table, resolve_device
+from hrank.data import NORMALIZATIONS, check_cifar, imagenet_loader, load_cifar
 from hrank.errors import HRankError
-from hrank.io import prepare_output, require_file
+from hrank.io import check_output, require_file
 from hrank.ranks import METHODS, Ranks, compute_ranks
+from hrank.validate import check_finite
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,13 +32,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output ranks file (.npz)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     add_data_args(p)
-    p.add_argument("--num-images", type=int, default=500, help="images to average over (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default %(default)s)")
+    p.add_argument("--num-images", type=POSITIVE_INT, default=500, help="images to average over (default %(default)s)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="images per forward pass (default %(default)s)")
     p.add_argument("--normalization", choices=sorted(NORMALIZATIONS),
                    help="input mean/std (default: the checkpoint's, else the architecture's preset)")
     p.add_argument("--no-augment", action="store_true",
                    help="no random crop/flip (HRank ranked augmented training images)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image draw and augmentation (default 0)")
+    p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of the image draw and augmentation (default 0)")
     p.add_argument("--method", choices=METHODS, default="gram",
                    help="gram: fast exact path (default); svd: torch.linalg.matrix_rank itself")
     add_device_arg(p)
@@ -45,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = prepare_output(args.out, force=args.force)
+    out = check_output(args.out, force=args.force, what="output")  # written (atomically) only at the end
     started = time.perf_counter()
     if args.official:
         models.get_spec(args.model)
@@ -68,8 +69,13 @@ def _compute(args: argparse.Namespace) -> Ranks:
     spec = models.get_spec(args.model)
     device = resolve_device(args.device)
     require_file(args.checkpoint, "checkpoint")
+    if args.dataset != "imagenet":
+        if spec.dataset != "cifar":
+            raise HRankError(f"{args.model} is an ImageNet model; use --dataset imagenet")
+        check_cifar(args.data_dir, args.dataset, download=not args.no_download)  # before loading anything
     model = models.create(args.model)
     extra = models.load_checkpoint(model, args.checkpoint)
+    check_finite(model, f"checkpoint {args.checkpoint}")
     norm = args.normalization or extra.get("normalization") or spec.normalization
     model.to(device)
     if args.dataset == "imagenet":
@@ -77,8 +83,6 @@ def _compute(args: argparse.Namespace) -> Ranks:
                                normalization=norm, seed=args.seed)
     else:
         data = load_cifar(args.data_dir, args.dataset, "train", download=not args.no_download)
-        if spec.dataset != "cifar":
-            raise HRankError(f"{args.model} is an ImageNet model; use --dataset imagenet")
     name = norm if isinstance(norm, str) else norm.get("name", "custom")
     print(f"ranking {args.model} on {args.num_images} {args.dataset} training images "
           f"({'augmented' if not args.no_augment else 'no augmentation'}, {name} normalization, seed {args.seed}, "

@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 from hrank import models, recipes
-from hrank.cli.common import add_data_args, add_device_arg, format_table
+from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_data_args, add_device_arg, format_table
 from hrank.data import ImageSet, Normalization, load_batch_files, load_cifar
 from hrank.errors import HRankError
+from hrank.io import FreshOutput, atomic_write_json, check_output, check_writable, prepare_output, read_json
+from hrank.validate import check_finite
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "'scratch' by default), selecting the best epoch on a validation split "
                                    "carved from the training set; evaluate it on the test set.")
     p.add_argument("--model", required=True, help=f"architecture ({', '.join(models.names())})")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier width (default: the dataset's)")
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width (default: the dataset's)")
     _add_run_args(p, default_recipe="scratch")
     p.set_defaults(func=run_train)
 
@@ -47,14 +49,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test",
                    help="test, train, val (the seeded split of --val-size images carved from train), or the "
                         "path of a CIFAR-format batch file (default %(default)s)")
-    p.add_argument("--val-size", type=int, default=None,
+    p.add_argument("--val-size", type=NONNEG_INT, default=None,
                    help="validation split size for --split val/train (default 5000, or a tenth of smaller "
                         "training sets)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split (default %(default)s)")
+    p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of the validation split (default %(default)s)")
     p.add_argument("--normalization", default=None,
                    help="cifar or imagenet (default: what the model file carries, else the arch's)")
-    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default %(default)s)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=500, help="evaluation batch size (default %(default)s)")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     add_data_args(p)
     add_device_arg(p)
     p.set_defaults(func=run_eval)
@@ -66,7 +69,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
                                                       "run's best.pt/last.pt")
     g.add_argument("--model", default=None, help="registry architecture, with --checkpoint")
     g.add_argument("--checkpoint", default=None, help="weights for --model (any state_dict checkpoint)")
-    g.add_argument("--num-classes", type=int, default=None, help="classifier width for --model")
+    g.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width for --model")
 
 
 def _add_run_args(p: argparse.ArgumentParser, default_recipe: str) -> None:
@@ -89,20 +92,20 @@ def _add_run_args(p: argparse.ArgumentParser, default_recipe: str) -> None:
             choices = recipes.field_choices(key)
             g.add_argument(flag, dest=f"r_{key}", type={"int": int, "float": float}.get(kind, str), default=None,
                            choices=choices, metavar=None if choices else key.upper(), help=help_text)
-    p.add_argument("--val-size", type=int, default=None,
+    p.add_argument("--val-size", type=NONNEG_INT, default=None,
                    help="images carved from the training set for model selection (default 5000, or a tenth "
                         "of smaller training sets; 0 needs --select-on-test)")
-    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+    p.add_argument("--train-subset", type=POSITIVE_INT, default=None, metavar="N",
                    help="train on a seeded subset of N images of the training split (quick experiments)")
     p.add_argument("--select-on-test", action="store_true",
                    help="select the best epoch on the TEST set, as the official code did (biased; announced "
                         "in the output)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split, data order, augmentation and init")
+    p.add_argument("--seed", type=NONNEG_INT, default=0, help="seed for the split, data order, augmentation and init")
     p.add_argument("--normalization", default=None,
                    help="cifar or imagenet (default: what the model file carries, else the arch's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--force", action="store_true", help="delete an existing --out and start over")
-    p.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+    p.add_argument("--stop-after", type=POSITIVE_INT, default=None, metavar="EPOCH",
                    help="stop after this epoch as if interrupted (continue later with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines remain)")
     add_data_args(p)
@@ -132,20 +135,41 @@ def _load_data(args: argparse.Namespace) -> tuple[ImageSet, ImageSet]:
             load_cifar(args.data_dir, args.dataset, "test", download=download))
 
 
-def _prepare_out(args: argparse.Namespace, is_main: bool) -> Path:
+def _check_out(args: argparse.Namespace) -> Path:
+    """Every check of --out, writing nothing: contradicting flags, a file, a run that --resume cannot continue,
+    a non-empty directory without --resume/--force, a place that cannot be written."""
     out = Path(args.out)
     if args.resume and args.force:
         raise HRankError("--resume and --force contradict each other (continue the run, or delete it)")
     if out.exists() and not out.is_dir():
         raise HRankError(f"--out {out} is a file, expected a directory")
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        if not args.force:
+    if out.exists() and any(out.iterdir()):
+        if args.resume:
+            _check_run_dir(out)
+        elif not args.force:
             raise HRankError(f"output directory {out} already exists and is not empty (use --resume to continue "
                              "the run in it or --force to start over)")
-        if is_main:
-            from hrank.io import prepare_output
-            prepare_output(out, force=True, is_dir=True)
+    check_writable(out, "output directory")
     return out
+
+
+def _check_run_dir(out: Path) -> None:
+    """--resume into a non-empty directory: it must hold a run hrank train/finetune started (config.json, or
+    layerwise.json for a layer-wise run), else nothing is touched."""
+    for name, keys in (("config.json", ("recipe", "run")), ("layerwise.json", ("identity", "done"))):
+        if (out / name).is_file():
+            data = read_json(out / name, "run file")
+            if not isinstance(data, dict) or not all(k in data for k in keys):
+                raise HRankError(f"--resume: {out / name} was not written by hrank train/finetune; {out} is not a "
+                                 "training run directory (nothing was changed; use another --out)")
+            return
+    raise HRankError(f"--resume: {out} is not empty and holds no hrank training run (no config.json); nothing was "
+                     "changed (use another --out, or --force to replace it)")
+
+
+def _holds_progress(out: Path) -> bool:
+    """Whether a training run in ``out`` has saved anything worth resuming (a checkpoint, at any depth)."""
+    return out.is_dir() and any(out.rglob("last.pt"))
 
 
 def load_model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -155,7 +179,8 @@ def load_model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[s
     if args.model_file and (args.model or args.checkpoint):
         raise HRankError("give either --model-file or --model with --checkpoint, not both")
     if args.model_file:
-        return load_model_file(args.model_file)
+        model, info = load_model_file(args.model_file)
+        return check_finite(model, f"model file {args.model_file}"), info
     if not args.model:
         raise HRankError("no model: give --model-file, or --model with --checkpoint")
     if not args.checkpoint:
@@ -163,6 +188,7 @@ def load_model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[s
     spec = models.get_spec(args.model)
     model = models.create(args.model, num_classes=args.num_classes)
     models.load_checkpoint(model, args.checkpoint)
+    check_finite(model, f"checkpoint {args.checkpoint}")
     return model, {"arch": args.model, "normalization": None, "plan": None, "mode": None,
                    "default_normalization": spec.normalization, "source": str(args.checkpoint)}
 
@@ -187,9 +213,14 @@ def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.R
              mode: str = "physical") -> int:
     from hrank import train
 
+    if recipe.layerwise and plan is None:
+        raise HRankError("layer-wise fine-tuning prunes step by step and needs the unpruned model and a "
+                         "plan: pass --plan (or use a one-shot recipe, e.g. --no-layerwise)")
     dist, device = train.init_distributed(args.device)
     try:
-        out = _prepare_out(args, dist.is_main)
+        # every check first; only then is anything written (or, with --force, the old run deleted)
+        out = _check_out(args)
+        fresh = FreshOutput.of(out)  # None when --out holds something
         train_all, test = _load_data(args)
         _check_classes(model, train_all)
         tr, va = train.split_train_val(train_all, args.val_size, args.seed)
@@ -208,15 +239,20 @@ def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.R
         kwargs = dict(out_dir=out, resume=args.resume, overwrite=args.force, test_batches=teb,
                       select_on_test=args.select_on_test, run_info=run_info, stop_after_epoch=args.stop_after,
                       progress=not args.no_progress)
-        if recipe.layerwise:
-            if plan is None:
-                raise HRankError("layer-wise fine-tuning prunes step by step and needs the unpruned model and a "
-                                 "plan: pass --plan (or use a one-shot recipe, e.g. --no-layerwise)")
-            from hrank.layerwise import fit_layerwise
+        if args.force and fresh is None and dist.is_main:
+            prepare_output(out, force=True, is_dir=True)
+            fresh = FreshOutput.of(out)
+        try:
+            if recipe.layerwise:
+                from hrank.layerwise import fit_layerwise
 
-            fit_layerwise(model, plan, tb, vb, recipe, mode=mode, **kwargs)
-        else:
-            train.fit(model, tb, vb, recipe, **kwargs)
+                fit_layerwise(model, plan, tb, vb, recipe, mode=mode, **kwargs)
+            else:
+                train.fit(model, tb, vb, recipe, **kwargs)
+        except HRankError:
+            if fresh is not None and dist.is_main and not _holds_progress(out):  # nothing to resume: as it was
+                fresh.undo()
+            raise
         return 0
     finally:
         if dist.enabled:
@@ -259,11 +295,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from hrank import train
     from hrank.cli.common import resolve_device
 
+    if args.json:  # before any work: an existing file is kept unless --force
+        check_output(args.json, force=args.force, what="--json")
     model, info = load_model_source(args)
     norm = _normalization(args, info)
     device = resolve_device(args.device)
-    if args.batch_size < 1:
-        raise HRankError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.split in ("test", "train", "val"):
         if args.split == "test":
             data = load_cifar(args.data_dir, args.dataset, "test", download=not args.no_download)
@@ -293,8 +329,6 @@ def run_eval(args: argparse.Namespace) -> int:
                                                                               strict=True)]
     print(format_table(["class", "top-1 %"], rows, align="lr"))
     if args.json:
-        from hrank.io import atomic_write_json
-
         atomic_write_json(args.json, {"split": what, "normalization": norm.to_json(),
                                       "classes": data.classes, **m})
     return 0
