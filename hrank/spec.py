@@ -181,8 +181,8 @@ def parse_rates(text: str, max_entries: int | None = None) -> list[float]:
     if not isinstance(text, str):
         raise HRankError(f"compress_rate must be a string, got {type(text).__name__}")
     if max_entries is None:
-        parser = _Parser(text, MAX_RATE_ENTRIES, f"without a model the bound is a fixed {MAX_RATE_ENTRIES}, far "
-                                                 "more than any model has rate entries")
+        parser = _Parser(text, MAX_RATE_ENTRIES, f"the fixed bound {MAX_RATE_ENTRIES} applies when the model's "
+                                                 "entry count is not given (no model has that many)")
     else:
         if max_entries < 0:
             raise ValueError(f"max_entries must be >= 0, got {max_entries}")

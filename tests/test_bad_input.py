@@ -263,7 +263,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, argv, fragment, w
 # --- the compress-rate bound, directly ----------------------------------------------------------------------------
 
 def test_rate_strings_are_bounded_before_expanding():
-    with pytest.raises(HRankError, match=f"more than {MAX_RATE_ENTRIES} entries .* fixed {MAX_RATE_ENTRIES}"):
+    with pytest.raises(HRankError, match=f"more than {MAX_RATE_ENTRIES} entries .* fixed bound {MAX_RATE_ENTRIES}"):
         parse_rates("[0.1]*1000000*1000000*1000000")
     with pytest.raises(HRankError, match=r"more than 19 entries \(from column 7\); the model has 19 rate entries"):
         parse_rates("[0.1]+[0.2]*19", max_entries=19)
