@@ -5,8 +5,9 @@ measured after the activation (``docs/ranks.md``; ``../shared/docs/hrank-referen
 
 * computes those ranks exactly as ``torch.linalg.matrix_rank`` defines them, batched, without a per-map
   Python loop or host sync, in memory-bounded chunks spread over all CPU cores (section 1);
-* finds where each conv is scored: the registry's HRank points, or automatically the first ReLU-like
-  activation its output reaches through BN, residual adds and concatenations (section 2);
+* finds where each conv is scored: the registry's HRank points, or automatically the first activation
+  (module or functional) its output reaches through norms, pooling, residual adds and concatenations,
+  else its own BN or conv output (section 2);
 * runs the model once per batch with hooks on every point at once, on one process or a DDP group (section 3);
 * stores the result as one ``.npz`` file with JSON metadata and imports the official rank folders (section 4).
 """
@@ -152,12 +153,17 @@ def _cpu_pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _ranks_4d(maps: torch.Tensor, method: str, chunk_elems: int, pool: Executor | None,
-              workers: int) -> torch.Tensor:
-    """Ranks (B, C) int64 of maps (B, C, H, W), chunk by chunk, the chunks spread over ``pool``."""
+              workers: int, act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Ranks (B, C) int64 of maps (B, C, H, W), chunk by chunk, the chunks spread over ``pool``.
+
+    ``act`` (a rank point's activation) is applied to each chunk first, so it costs no full-size copy.
+    """
     fn = _RANK_FNS[method]
     h, w = maps.shape[-2:]
 
     def run(piece: torch.Tensor) -> torch.Tensor:
+        if act is not None:
+            piece = act(piece)
         return fn(piece.reshape(-1, h, w).to(torch.float32))
 
     pieces = _pieces(maps, chunk_elems, 2 * workers if pool is not None else 1)
@@ -204,20 +210,114 @@ def matrix_ranks(maps: torch.Tensor, *, method: str = "gram", chunk_elems: int |
 # 2. Rank points: registry defaults, automatic discovery
 # ==================================================================================================
 
-# Per-channel operations that keep channel j of the conv in channel j on the way to its activation.
-_PASS_MODULES = (nn.modules.batchnorm._BatchNorm, nn.Identity, nn.modules.dropout._DropoutNd, nn.MaxPool2d,
-                 nn.AvgPool2d)
+# The trace's node kinds (docs/ranks.md, "Rank points"): a conv; an activation module, whose output is the point;
+# a functional activation, whose point is its producer module's output with the activation applied by hrank;
+# a normalization (followed; the fallback point when it directly follows the conv); other channel-preserving
+# operations (followed); anything else, which ends the search on that path.
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign,
+                nn.LogSigmoid, nn.Tanhshrink, nn.Threshold)
+# Elementwise activation modules of other libraries, by class name (timm.layers.activations and _me, ...).
+_ACT_NAMES = frozenset({"Swish", "SwishMe", "MemoryEfficientSwish", "SiLU", "Mish", "MishMe", "HardSwish",
+                        "HardSwishMe", "HardSigmoid", "HardSigmoidMe", "HardMish", "HardMishMe", "GELU", "GELUTanh",
+                        "QuickGELU", "Sigmoid", "Tanh", "ReLU", "ReLU6", "Hardswish", "Hardsigmoid", "LeakyReLU",
+                        "PReLU", "ELU", "SELU", "CELU", "Softplus"})
+_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+# Modules that are the identity in eval mode (stochastic depth, drop path) besides Identity and Dropout.
+_DROP_NAMES = frozenset({"StochasticDepth", "DropPath", "DropBlock2d", "DropBlock", "DropConnect"})
+_PASS_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd, nn.MaxPool2d, nn.AvgPool2d)
 _ADD_FUNCS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
               torch.Tensor.__iadd__}
 _CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
-_SAME_FUNCS = {torch.Tensor.contiguous, torch.Tensor.clone, torch.clone, F.dropout, F.dropout2d, F.batch_norm,
-               F.max_pool2d, F.avg_pool2d}
-_RELU_FUNCS = {F.relu, F.relu_, F.relu6, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+_SAME_FUNCS = {torch.Tensor.contiguous, torch.Tensor.clone, torch.clone, F.dropout, F.dropout2d, F.max_pool2d,
+               F.avg_pool2d}
+_NORM_FUNCS = {F.batch_norm, F.group_norm, F.instance_norm, F.layer_norm, F.local_response_norm}
+
+# Functional activations: function -> (activation name, its float parameters as (position, keyword, default)).
+_P = tuple[tuple[int, str, float], ...]
+_SLOPE: _P = ((1, "negative_slope", 0.01),)
+_ALPHA: _P = ((1, "alpha", 1.0),)
+_FUNC_ACTS: dict[Callable, tuple[str, _P]] = {
+    **{f: ("relu", ()) for f in (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)},
+    F.relu6: ("relu6", ()),
+    **{f: ("hardtanh", ((1, "min_val", -1.0), (2, "max_val", 1.0))) for f in (F.hardtanh, F.hardtanh_)},
+    F.silu: ("silu", ()),
+    F.gelu: ("gelu", ()),  # approximate="tanh": gelu_tanh (_func_act)
+    F.hardswish: ("hardswish", ()),
+    F.hardsigmoid: ("hardsigmoid", ()),
+    **{f: ("sigmoid", ()) for f in (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_,
+                                     torch.special.expit)},
+    **{f: ("tanh", ()) for f in (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_)},
+    **{f: ("leaky_relu", _SLOPE) for f in (F.leaky_relu, F.leaky_relu_)},
+    **{f: ("elu", _ALPHA) for f in (F.elu, F.elu_)},
+    **{f: ("selu", ()) for f in (F.selu, torch.selu, torch.selu_)},
+    **{f: ("celu", _ALPHA) for f in (F.celu, torch.celu, torch.celu_)},
+    F.mish: ("mish", ()),
+    F.softplus: ("softplus", ((1, "beta", 1.0), (2, "threshold", 20.0))),
+    F.logsigmoid: ("logsigmoid", ()),
+}
+
+# What RankPoint.act names: the activation hrank applies to the hooked output before ranking.
+_ACT_APPLY: dict[str, tuple[int, Callable[..., torch.Tensor]]] = {
+    "relu": (0, F.relu), "relu6": (0, F.relu6), "silu": (0, F.silu), "gelu": (0, F.gelu),
+    "gelu_tanh": (0, lambda x: F.gelu(x, approximate="tanh")), "hardswish": (0, F.hardswish),
+    "hardsigmoid": (0, F.hardsigmoid), "sigmoid": (0, torch.sigmoid), "tanh": (0, torch.tanh), "mish": (0, F.mish),
+    "selu": (0, F.selu), "logsigmoid": (0, F.logsigmoid),
+    "leaky_relu": (1, lambda x, slope: F.leaky_relu(x, slope)), "elu": (1, lambda x, alpha: F.elu(x, alpha)),
+    "celu": (1, lambda x, alpha: F.celu(x, alpha)), "softplus": (2, lambda x, beta, th: F.softplus(x, beta, th)),
+    "hardtanh": (2, lambda x, lo, hi: F.hardtanh(x, lo, hi)),
+}
 
 
-def _is_relu_like(m: nn.Module) -> bool:
-    """ReLU, ReLU6 and any Hardtanh clamping at 0: ranks carry information only after such a clamp."""
-    return isinstance(m, nn.ReLU) or (isinstance(m, nn.Hardtanh) and m.min_val == 0)
+def _act_fn(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation that ``RankPoint.act`` names ("relu", "leaky_relu:0.1", ...), or a one-line HRankError."""
+    name, *params = str(spec).split(":")
+    entry = _ACT_APPLY.get(name)
+    try:
+        values = [float(p) for p in params]
+    except ValueError:
+        entry = None
+    if entry is None or len(values) != entry[0]:
+        known = ", ".join(n + "".join(f":<p{i + 1}>" for i in range(k)) for n, (k, _) in _ACT_APPLY.items())
+        raise HRankError(f"unknown rank point activation {spec!r}; known: {known}")
+    fn = entry[1]
+    return (lambda x: fn(x, *values)) if values else fn
+
+
+def _func_act(func: Callable, args: tuple, kwargs: dict) -> str | None:
+    """The ``RankPoint.act`` spec of a functional activation call, None if ``func`` is not one."""
+    entry = _FUNC_ACTS.get(func)
+    if entry is None:
+        return None
+    name, params = entry
+    values = [kwargs.get(key, args[pos] if len(args) > pos else default) for pos, key, default in params]
+    if func is F.gelu and kwargs.get("approximate", args[1] if len(args) > 1 else "none") == "tanh":
+        return "gelu_tanh"
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    if name == "hardtanh" and values == [0.0, 6.0]:
+        return "relu6"
+    return name + "".join(f":{v!r}" for v in values)
+
+
+def _is_activation(m: nn.Module) -> bool:
+    """An elementwise activation module: torch's (ReLU ... Softplus) or one of the same name (timm's Swish...)."""
+    return isinstance(m, _ACT_MODULES) or type(m).__name__ in _ACT_NAMES
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, _NORM_MODULES) or "Norm" in type(m).__name__
+
+
+def _is_norm_unit(m: nn.Module) -> bool:
+    """A normalization module with children that are only activations, dropouts or identities (timm's
+    BatchNormAct2d, GroupNormAct, ...): traced as one node, its output being the activated one."""
+    if not _is_norm(m) or next(m.children(), None) is None:
+        return False
+    return all(_is_activation(c) or isinstance(c, (nn.Identity, nn.modules.dropout._DropoutNd))
+               or type(c).__name__ in _DROP_NAMES for c in list(m.modules())[1:])
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -229,21 +329,23 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class _Node:
-    """One traced operation: a leaf module call or a torch function outside leaf modules."""
+    """One traced operation: a leaf module call (or norm unit) or a torch function outside leaf modules."""
 
-    kind: str  # conv | relu | pass | funcrelu | other
+    kind: str  # conv | act | funcact | norm | pass | other
     label: str  # for messages: "Conv2d layer1.0.conv1", "add", ...
-    module: str | None
+    module: str | None  # a module node: hookable when its output is one tensor
     call: int
     inputs: list[tuple[int, int]]  # (producer node, channel offset of that input in this node's output)
     channels: int | None
+    hookable: bool = False
+    act: str | None = None  # funcact: the RankPoint.act spec
 
 
 class _Tracer(TorchFunctionMode):
     """Records the data flow of one forward pass: which operation produced and consumed each tensor.
 
-    Leaf modules are single nodes (seen through module hooks); torch functions called outside leaf
-    modules (residual adds, concatenations, functional activations) are nodes too. Tensors are keyed
+    Leaf modules and norm units are single nodes (seen through module hooks); torch functions called
+    outside them (residual adds, concatenations, functional activations) are nodes too. Tensors are keyed
     by ``id`` and kept alive for the trace, so ids cannot be reused; in-place ops re-key their tensor.
     """
 
@@ -255,12 +357,18 @@ class _Tracer(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []
         self.calls: dict[str, int] = {}
         self.in_leaf = 0
-        self.pending: list[tuple[str, list[int]]] = []
+        self.pending: list[tuple[str, list[int], list[torch.Tensor]]] = []
         self.handles: list[Any] = []
 
     def __enter__(self):
+        units: list[str] = []
         for name, m in self.model.named_modules():
-            if next(m.children(), None) is None:
+            if any(name.startswith(u + ".") for u in units):
+                continue  # inside a norm unit: the unit is the node
+            unit = _is_norm_unit(m)
+            if unit:
+                units.append(name)
+            if unit or next(m.children(), None) is None:
                 self.handles.append(m.register_forward_pre_hook(self._pre(name), with_kwargs=True))
                 self.handles.append(m.register_forward_hook(self._post(name)))
         return super().__enter__()
@@ -289,28 +397,34 @@ class _Tracer(TorchFunctionMode):
     def _pre(self, name: str):
         def hook(module, args, kwargs):
             self.in_leaf += 1
-            srcs = [self.producer.get(id(t), -1) for t in self._tensors((args, kwargs))]
-            self.pending.append((name, srcs))
+            ins = self._tensors((args, kwargs))
+            self.pending.append((name, [self.producer.get(id(t), -1) for t in ins], ins))
         return hook
 
     def _post(self, name: str):
         def hook(module, args, output):
             self.in_leaf -= 1
-            _, srcs = self.pending.pop()
+            _, srcs, ins = self.pending.pop()
             call = self.calls.get(name, 0)
             self.calls[name] = call + 1
             outs = self._tensors(output)
+            first = outs[0] if outs else None
+            same = (first is not None and first.dim() == 4 and len(ins) == 1 and ins[0].shape == first.shape)
             if isinstance(module, nn.Conv2d):
                 kind = "conv"
-            elif _is_relu_like(module):
-                kind = "relu"
-            elif isinstance(module, _PASS_MODULES):
+            elif _is_activation(module):
+                kind = "act"
+            elif _is_norm_unit(module):
+                kind = ("act" if any(_is_activation(c) for c in module.modules()) else "norm") if same else "other"
+            elif _is_norm(module):
+                kind = "norm" if same else "other"
+            elif isinstance(module, _PASS_MODULES) or type(module).__name__ in _DROP_NAMES:
                 kind = "pass"
             else:
                 kind = "other"
-            channels = outs[0].shape[1] if outs and outs[0].dim() >= 2 else None
-            node = _Node(kind, f"{type(module).__name__} {name}", name, call,
-                         [(s, 0) for s in srcs if s >= 0], channels)
+            channels = first.shape[1] if first is not None and first.dim() >= 2 else None
+            node = _Node(kind, f"{type(module).__name__} {name}", name, call, [(s, 0) for s in srcs if s >= 0],
+                         channels, hookable=isinstance(output, torch.Tensor))
             self._add(node, outs)
         return hook
 
@@ -327,11 +441,15 @@ class _Tracer(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         first = outs[0]
         inputs = [(s, 0) for s in srcs if s >= 0]
-        kind = "other"
-        if func in _RELU_FUNCS:
-            kind = "funcrelu"
+        kind, act = "other", None
+        if func in _FUNC_ACTS:
+            act = _func_act(func, args, kwargs)
+            if act is not None and srcs[0] >= 0:
+                kind, inputs = "funcact", [(srcs[0], 0)]
         elif func in _SAME_FUNCS:
             kind = "pass"
+        elif func in _NORM_FUNCS:
+            kind = "norm" if first.dim() == 4 and ins[0].shape == first.shape else "other"
         elif func in _ADD_FUNCS:
             # a residual add keeps channel j in place unless it broadcasts over channels
             kind = "pass" if all(t.dim() == first.dim() and t.shape[1:] == first.shape[1:] for t in ins) \
@@ -348,7 +466,7 @@ class _Tracer(TorchFunctionMode):
                         inputs.append((s, offset))
                     offset += t.shape[1]
         channels = first.shape[1] if first.dim() >= 2 else None
-        self._add(_Node(kind, name, None, 0, inputs, channels), outs)
+        self._add(_Node(kind, name, None, 0, inputs, channels, act=act), outs)
         return out
 
 
@@ -367,13 +485,17 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Tracer:
 
 
 def _discover(model: nn.Module, convs: Sequence[str], example: torch.Tensor
-              ) -> tuple[dict[str, RankPoint], dict[str, str]]:
-    """Automatic rank points: for each conv, the first ReLU-like module its output reaches.
+              ) -> tuple[dict[str, RankPoint], dict[str, str], list[str]]:
+    """Automatic rank points (the rule of docs/ranks.md): for each conv, the first activation its output reaches.
 
-    The search follows BatchNorm, Identity, Dropout, max/average pooling, residual adds (channel j stays
-    channel j) and channel concatenations (channels shift by the offset: the point is then a slice).
-    Anything else before a ReLU (another conv, pooling, LeakyReLU, a functional relu that cannot be
-    hooked, no use at all) leaves the conv without a point; the reason is returned for the message.
+    The search follows normalizations, Identity, Dropout/drop path, max/average pooling, contiguous/clone,
+    residual adds (channel j stays channel j) and channel concatenations (channels shift by the offset: the
+    point is then a slice) and stops at anything else. The earliest activation reached is the point: an
+    activation module's output, or for a functional activation (``F.relu(bn(x))``), the output of the module
+    that produced its input with ``act`` set, hrank applying the activation before ranking. Without one the
+    point is the normalization module directly after the conv, else the conv itself ("no activation": those
+    convs are returned too). A conv that runs more than once per pass, or not at all, gets no point; the
+    reason is returned for the message.
     """
     tracer = _trace(model, example)
     nodes = tracer.nodes
@@ -385,8 +507,17 @@ def _discover(model: nn.Module, convs: Sequence[str], example: torch.Tensor
     for i, node in enumerate(nodes):
         if node.kind == "conv":
             conv_nodes.setdefault(node.module or "", []).append(i)
+
+    def point(at: int, lo: int, hi: int, act: str | None = None) -> RankPoint:
+        node = nodes[at]
+        assert node.module is not None
+        channels = None if (lo, hi) == (0, node.channels) else (lo, hi)
+        call = node.call if tracer.calls.get(node.module, 1) > 1 else None
+        return RankPoint(node.module, channels, call=call, act=act)
+
     points: dict[str, RankPoint] = {}
     reasons: dict[str, str] = {}
+    linear: list[str] = []
     for conv in convs:
         found = conv_nodes.get(conv, [])
         if not found:
@@ -398,35 +529,29 @@ def _discover(model: nn.Module, convs: Sequence[str], example: torch.Tensor
         start = found[0]
         width = nodes[start].channels or 0
         stack, seen = [(start, 0, width)], set()
-        best: tuple[int, int, int] | None = None
-        blocker: tuple[int, str] | None = None
+        best: tuple[int, RankPoint] | None = None
         while stack:
             at, lo, hi = stack.pop()
             for nxt, offset in consumers.get(at, []):
                 key = (nxt, lo + offset, hi + offset)
-                if key in seen:
+                if key in seen or (best is not None and nxt > best[0]):
                     continue
                 seen.add(key)
-                kind = nodes[nxt].kind
-                if kind == "relu":
-                    if best is None or nxt < best[0]:
-                        best = key
-                elif kind == "pass":
+                node = nodes[nxt]
+                if node.kind == "act" and node.hookable:
+                    best = (nxt, point(*key))
+                elif node.kind == "funcact" and nodes[at].hookable:  # the producer is a module: hook it
+                    best = (nxt, point(at, lo, hi, node.act))
+                elif node.kind in ("pass", "norm"):
                     stack.append(key)
-                else:
-                    why = ("reaches a functional relu, which cannot be hooked (use an nn.ReLU module or pass "
-                           "points=)" if kind == "funcrelu" else f"reaches {nodes[nxt].label} before any ReLU")
-                    if blocker is None or nxt < blocker[0]:
-                        blocker = (nxt, why)
-        if best is None:
-            reasons[conv] = blocker[1] if blocker else "its output is not used"
+        if best is not None:
+            points[conv] = best[1]
             continue
-        node = nodes[best[0]]
-        assert node.module is not None
-        channels = None if (best[1], best[2]) == (0, node.channels) else (best[1], best[2])
-        call = node.call if tracer.calls.get(node.module, 1) > 1 else None
-        points[conv] = RankPoint(node.module, channels, call=call)
-    return points, reasons
+        norm = next((i for i, _ in consumers.get(start, []) if nodes[i].kind == "norm" and nodes[i].hookable), None)
+        at = norm if norm is not None else start
+        points[conv] = point(at, 0, nodes[at].channels or width)
+        linear.append(conv)
+    return points, reasons, linear
 
 
 def _example_input(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
@@ -456,8 +581,13 @@ def _conv_names(model: nn.Module) -> list[str]:
 
 
 def _resolve_points(model: nn.Module, points: Mapping[str, str | RankPoint] | None, convs: Sequence[str] | None,
-                    example_input: torch.Tensor | None) -> tuple[dict[str, RankPoint], dict[str, str]]:
-    """Points for the convs to rank: user ``points`` first, then the registry's, then automatic discovery."""
+                    example_input: torch.Tensor | None
+                    ) -> tuple[dict[str, RankPoint], dict[str, str], list[str]]:
+    """Points for the convs to rank: user ``points`` first, then the registry's, then automatic discovery.
+
+    Returns the points, the convs left without one (with the reason) and the discovered points that have
+    no activation after them (ranked before any nonlinearity: reported in ``Ranks.meta``).
+    """
     all_convs = _conv_names(model)
     if not all_convs:
         raise HRankError(f"{type(model).__name__} has no Conv2d layers: nothing to rank")
@@ -472,6 +602,8 @@ def _resolve_points(model: nn.Module, points: Mapping[str, str | RankPoint] | No
             raise HRankError(f"points[{conv!r}] must be a module name or a RankPoint, got {type(p).__name__}")
         if rp.module not in modules:
             raise HRankError(f"points[{conv!r}]: the model has no module {rp.module!r}")
+        if rp.act is not None:
+            _act_fn(rp.act)
         user[conv] = rp
     arch = getattr(model, "hrank_arch", None)
     registry: dict[str, RankPoint] = {}
@@ -488,8 +620,9 @@ def _resolve_points(model: nn.Module, points: Mapping[str, str | RankPoint] | No
     found = {c: user.get(c) or registry.get(c) for c in wanted}
     missing = [c for c, p in found.items() if p is None]
     reasons: dict[str, str] = {}
+    linear: list[str] = []
     if missing:
-        auto, reasons = _discover(model, missing, _example_input(model, example_input))
+        auto, reasons, linear = _discover(model, missing, _example_input(model, example_input))
         found.update(auto)
     resolved = {c: p for c, p in found.items() if p is not None}
     if reasons:
@@ -497,9 +630,9 @@ def _resolve_points(model: nn.Module, points: Mapping[str, str | RankPoint] | No
         more = f" (+{len(reasons) - 5} more)" if len(reasons) > 5 else ""
         if convs is not None or not resolved:
             raise HRankError(f"no rank point for {len(reasons)} conv(s), give points= for them: {listing}{more}")
-        warnings.warn(f"{len(reasons)} conv(s) are not ranked (no hookable ReLU-like activation after them): "
-                      f"{listing}{more}", stacklevel=3)
-    return resolved, reasons
+        warnings.warn(f"{len(reasons)} conv(s) are not ranked (no single rank point): {listing}{more}",
+                      stacklevel=3)
+    return resolved, reasons, linear
 
 
 def find_rank_points(model: nn.Module, convs: Sequence[str] | None = None, *,
@@ -508,10 +641,12 @@ def find_rank_points(model: nn.Module, convs: Sequence[str] | None = None, *,
 
     For a registry model (``hrank.models.create``) these are HRank's points (post-add ReLU for a residual
     block's last conv, DenseNet's next BN-ReLU slice, GoogLeNet's per-branch slices...). For any other
-    model each conv gets the first ReLU-like activation its output reaches through BN, residual adds
-    and concatenations, found by tracing one forward pass of ``example_input`` (default: a zero batch
-    of a size the model accepts). Convs without such an activation are listed in a warning and left
-    out; if ``convs`` names them explicitly, that is an error instead.
+    model each conv gets the first activation (module or functional: ReLU, SiLU, GELU, Hardswish,
+    sigmoid, ...) its output reaches through normalizations, pooling, residual adds and concatenations,
+    else its own BN output, else its own output (the rule table of docs/ranks.md), found by tracing one
+    forward pass of ``example_input`` (default: a zero batch of a size the model accepts). Convs that run
+    more than once per pass (shared weights) or not at all are listed in a warning and left out; if
+    ``convs`` names them explicitly, that is an error instead.
     """
     model = _unwrap(model)
     return _resolve_points(model, None, convs, example_input)[0]
@@ -560,8 +695,8 @@ def _imageset_batches(data: ImageSet, num_images: int, batch_size: int, *, seed:
     return gen(), math.ceil((hi - lo) / batch_size)
 
 
-def _iterable_batches(data: Iterable, num_images: int, device: torch.device, rank: int, world: int
-                      ) -> tuple[Iterator[torch.Tensor], int | None]:
+def _iterable_batches(data: Iterable, num_images: int, device: torch.device, rank: int, world: int,
+                      total: int | None = None) -> tuple[Iterator[torch.Tensor], int | None]:
     """Images from an iterable of (images, labels) batches (or image tensors), up to this process's share."""
     share = num_images * (rank + 1) // world - num_images * rank // world
 
@@ -582,7 +717,60 @@ def _iterable_batches(data: Iterable, num_images: int, device: torch.device, ran
                              f"(num_images={num_images}{f' over {world} processes' if world > 1 else ''})")
 
     size = getattr(data, "batch_size", None)  # a DataLoader knows its batch count; a plain iterable may not
-    return gen(), math.ceil(share / size) if isinstance(size, int) and size > 0 else None
+    if total is None and isinstance(size, int) and size > 0:
+        total = math.ceil(share / size)
+    return gen(), total
+
+
+def _collated(loader: Iterable) -> Iterator[Any]:
+    """The batches of a DataLoader over a user's Dataset; items it cannot batch are a one-line error."""
+    try:
+        yield from loader
+    except TypeError as e:
+        if "collate" not in str(e):
+            raise
+        line = (str(e).strip().splitlines() or [""])[0]
+        raise HRankError("dataset items must be image tensors (C, H, W) or (image, label) pairs; "
+                         f"{line[:200]}") from None
+
+
+def _data_source(data: Any, num_images: int, batch_size: int, rank: int, world: int
+                 ) -> tuple[Iterable, int | None]:
+    """``data`` (not an ImageSet) as an iterable of batches for ``_iterable_batches``, with its batch count if known.
+
+    A float tensor (N, C, H, W) or a map-style Dataset is indexable: it is cut into batches of ``batch_size``
+    (no shuffle, no augmentation) from this process's contiguous block of its first ``num_images`` items, as
+    for an ImageSet, so any number of processes ranks the same images. An IterableDataset is batched by a
+    DataLoader; a DataLoader or any other iterable of batches is used as it is (each process reads its share
+    from its own iterable, e.g. with a DistributedSampler).
+    """
+    from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+    lo, hi = num_images * rank // world, num_images * (rank + 1) // world
+    total = math.ceil((hi - lo) / batch_size)
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 4 or not data.is_floating_point():
+            raise HRankError("a tensor of images must be float (N, C, H, W), already normalized; got "
+                             f"{str(data.dtype).replace('torch.', '')} of shape {tuple(data.shape)}")
+        if len(data) < num_images:
+            raise HRankError(f"the image tensor has {len(data)} images, fewer than num_images={num_images}; "
+                             "lower num_images")
+        return (data[i:min(i + batch_size, hi)] for i in range(lo, hi, batch_size)), total
+    if isinstance(data, IterableDataset):
+        return _collated(DataLoader(data, batch_size=batch_size)), None
+    if isinstance(data, Dataset):
+        try:
+            size = len(data)  # type: ignore[arg-type]
+        except TypeError:  # a map-style dataset without __len__: only the first num_images are read
+            size = None
+        if size is not None and size < num_images:
+            raise HRankError(f"dataset {type(data).__name__} has {size} items, fewer than num_images={num_images}; "
+                             "lower num_images")
+        return _collated(DataLoader(Subset(data, range(lo, hi)), batch_size=batch_size, shuffle=False)), total
+    if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+        raise HRankError("data must be an ImageSet, a float image tensor (N, C, H, W), a Dataset, a DataLoader or "
+                         f"an iterable of image batches, got {type(data).__name__}")
+    return data, None
 
 
 @dataclass
@@ -591,6 +779,7 @@ class _Group:
 
     module: str
     call: int | None
+    act: str | None
     convs: list[tuple[str, RankPoint]]
     lo: int = 0
     hi: int = 0
@@ -621,10 +810,12 @@ class _Hooks:
                  pool: Executor | None, workers: int) -> None:
         self.modules = dict(model.named_modules())
         self.method, self.chunk, self.pool, self.workers = method, chunk, pool, workers
-        by_key: dict[tuple[str, int | None], _Group] = {}
+        by_key: dict[tuple[str, int | None, str | None], _Group] = {}
         for conv, p in points.items():
-            by_key.setdefault((p.module, p.call), _Group(p.module, p.call, [])).convs.append((conv, p))
+            key = (p.module, p.call, p.act)
+            by_key.setdefault(key, _Group(p.module, p.call, p.act, [])).convs.append((conv, p))
         self.groups = list(by_key.values())
+        self.acts = {g.act: _act_fn(g.act) for g in self.groups if g.act is not None}
         self.calls: dict[str, int] = {}
         self.handles = []
         per_module: dict[str, list[_Group]] = {}
@@ -684,7 +875,8 @@ class _Hooks:
                              f"maps, got {shape}")
         if grp.sums is None:
             self._first(grp, output)
-        ranks = _ranks_4d(output.detach()[:, grp.lo:grp.hi], self.method, self.chunk, self.pool, self.workers)
+        ranks = _ranks_4d(output.detach()[:, grp.lo:grp.hi], self.method, self.chunk, self.pool, self.workers,
+                          self.acts.get(grp.act) if grp.act is not None else None)
         if bool((ranks < 0).any()):  # -1 marks a map with NaN/inf values
             raise HRankError(f"non-finite activations (NaN/inf) at {grp.module}, the rank point of "
                              f"{grp.convs[0][0]}; check the checkpoint and the input normalization")
@@ -703,23 +895,30 @@ def _forward_first(model: nn.Module, x: torch.Tensor) -> None:
         raise HRankError(f"model failed on images of shape {tuple(x.shape)}: {line[:200]}") from None
 
 
-def compute_ranks(model: nn.Module, data: ImageSet | Iterable, *, num_images: int = 500, batch_size: int = 128,
-                  device: torch.device | str | None = None, points: Mapping[str, str | RankPoint] | None = None,
-                  progress: bool = True, augment: bool = True, seed: int = 0,
+def compute_ranks(model: nn.Module, data: ImageSet | torch.Tensor | Iterable, *, num_images: int = 500,
+                  batch_size: int = 128, device: torch.device | str | None = None,
+                  points: Mapping[str, str | RankPoint] | None = None, progress: bool = True,
+                  augment: bool = True, seed: int = 0,
                   normalization: Normalization | str | dict | None = None, convs: Sequence[str] | None = None,
                   method: str = "gram", chunk_elems: int | None = None, workers: int | None = None) -> Ranks:
     """Score every filter by the mean rank of its feature maps over ``num_images`` images (HRank).
 
     ``data`` is an ImageSet (uint8 images: drawn in a ``seed``-ed order, cropped/flipped as HRank did
-    when ``augment``, normalized with ``normalization``: default the registry's preset, else "cifar") or
-    an iterable of float (images, labels) batches already normalized (then seed/augment/normalization
-    do not apply). Fewer images than ``num_images`` is an error. The model runs once per batch in eval
+    when ``augment``, normalized with ``normalization``: default the registry's preset, else "cifar"), or
+    already normalized float images, taken in order and not augmented (seed/augment/normalization do not
+    apply): a tensor (N, C, H, W) or a map-style torch Dataset of image tensors or (image, label) pairs,
+    both cut into batches of ``batch_size``; an IterableDataset (batched the same way); a DataLoader or
+    any iterable of image batches or (images, labels) batches. Fewer images than ``num_images`` is an
+    error. The model runs once per batch in eval
     mode without gradients, with hooks on every rank point (``find_rank_points``; ``points`` overrides
     entries, ``convs`` restricts the convs); its train/eval state and device are restored afterwards and
     the hooks are always removed. Ranks are exact (``matrix_ranks``, ``method``); per-filter sums are
     float64; extra memory is bounded by ``chunk_elems`` (docs/ranks.md). Under ``torch.distributed``
-    each process ranks a contiguous share of the images and the sums are all-reduced, so every process
-    returns the same result, equal to a single process's.
+    each process ranks a share of the images and the sums are all-reduced, so every process returns the
+    same result. From an ImageSet, tensor or Dataset the share is a contiguous block of the first
+    ``num_images`` images, so the result equals a single process's; from a DataLoader or other iterable
+    each process takes the first ``num_images / world`` images its own iterable yields (shard it, e.g.
+    with a DistributedSampler).
     """
     if num_images < 1:
         raise HRankError(f"num_images must be >= 1, got {num_images}")
@@ -746,7 +945,8 @@ def compute_ranks(model: nn.Module, data: ImageSet | Iterable, *, num_images: in
         data_meta: dict[str, Any] = {"dataset": data.name, "augment": augment, "seed": seed,
                                      "normalization": norm.to_json()}
     else:
-        batches, total = _iterable_batches(data, num_images, dev, rank, world)
+        source, known = _data_source(data, num_images, batch_size, rank, world)
+        batches, total = _iterable_batches(source, num_images, dev, rank, world, known)
         data_meta = {"dataset": type(data).__name__, "augment": None, "seed": None, "normalization": None}
 
     n_workers = (workers or torch.get_num_threads()) if dev.type == "cpu" else 1
@@ -756,6 +956,7 @@ def compute_ranks(model: nn.Module, data: ImageSet | Iterable, *, num_images: in
     hooks: _Hooks | None = None
     resolved: dict[str, RankPoint] = {}
     reasons: dict[str, str] = {}
+    linear: list[str] = []
     count = 0
     started = time.perf_counter()
     bar = None
@@ -771,7 +972,7 @@ def compute_ranks(model: nn.Module, data: ImageSet | Iterable, *, num_images: in
             for x in batches:
                 if hooks is None:
                     _check_input(model, x.shape)
-                    resolved, reasons = _resolve_points(model, points, convs, x)
+                    resolved, reasons, linear = _resolve_points(model, points, convs, x)
                     hooks = _Hooks(model, resolved, method, chunk, pool, n_workers)
                     hooks.start_batch()
                     _forward_first(model, x)
@@ -815,7 +1016,8 @@ def compute_ranks(model: nn.Module, data: ImageSet | Iterable, *, num_images: in
     order = list(resolved)
     meta = {"source": "computed", "method": method, "batch_size": batch_size, "world_size": world,
             "device": dev.type, "seconds": round(time.perf_counter() - started, 3), "torch": torch.__version__,
-            "unranked": reasons, "model_convs": _model_convs(model), **data_meta}
+            "unranked": reasons, "no_activation": [c for c in order if c in linear],
+            "model_convs": _model_convs(model), **data_meta}
     return Ranks({c: scores[c] for c in order}, int(total_count), {c: spatial[c] for c in order},
                  {c: resolved[c] for c in order}, model_fingerprint(model), arch if arch in models.names() else None,
                  meta)

@@ -15,22 +15,28 @@ class RankPoint:
 
     ``call`` picks one call (0-based) of a module that runs more than once per forward pass, such as a
     torchvision BasicBlock's single ``relu`` used before and after the residual add; None: it runs once.
+    ``act`` names an activation that hrank applies to that output before ranking ("relu", "silu",
+    "leaky_relu:0.1", ... see ``hrank.ranks``): the point of a functional activation such as
+    ``F.relu(bn(x))``, which cannot be hooked itself; None: the output is ranked as it is.
     """
 
     module: str
     channels: tuple[int, int] | None = None
     call: int | None = None
+    act: str | None = None
 
     def to_json(self) -> dict:
         d: dict = {"module": self.module, "channels": list(self.channels) if self.channels else None}
         if self.call is not None:
             d["call"] = self.call
+        if self.act is not None:
+            d["act"] = self.act
         return d
 
     @staticmethod
     def from_json(d: dict) -> RankPoint:
         ch = d.get("channels")
-        return RankPoint(d["module"], tuple(ch) if ch else None, d.get("call"))
+        return RankPoint(d["module"], tuple(ch) if ch else None, d.get("call"), d.get("act"))
 
 
 @dataclass(frozen=True)
