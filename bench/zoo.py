@@ -439,8 +439,25 @@ def table(results: list[ZooResult]) -> str:
     return "\n".join(lines)
 
 
+def _hrank_revision() -> str:
+    """``hrank <version> at <commit>`` (``+ changes`` when hrank/ differs from it), from git where available."""
+    import subprocess
+
+    import hrank
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hrank"], cwd=root, capture_output=True,
+                               text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"hrank {hrank.__version__}"
+    return f"hrank {hrank.__version__} at {commit}{' + changes' if dirty else ''}"
+
+
 def environment() -> str:
-    """One line: date, CPU count, versions."""
+    """One line: date, machine, versions."""
     import torchvision
 
     try:
@@ -448,8 +465,8 @@ def environment() -> str:
         timm_version = timm.__version__
     except ImportError:
         timm_version = "absent"
-    return (f"{datetime.date.today().isoformat()}, {platform.machine()} {os.cpu_count()}-core CPU, "
-            f"{torch.get_num_threads()} torch thread(s), Python {platform.python_version()}, torch "
+    return (f"{datetime.date.today().isoformat()}, {_hrank_revision()}, {platform.machine()} {os.cpu_count()}-core "
+            f"CPU VM, {torch.get_num_threads()} torch thread(s), Python {platform.python_version()}, torch "
             f"{torch.__version__}, torchvision {torchvision.__version__}, timm {timm_version}")
 
 
