@@ -627,7 +627,8 @@ def make_plan(model: nn.Module, scores_or_ranks: Any, spec: Spec | str | Mapping
             what = f"group {g.members[0]}" + (f" (+{len(g.members) - 1} coupled)" if len(g.members) > 1 else "")
             whole = PlanGroup(list(g.members), g.channels, rate, list(range(g.channels)))
             if num_pruned(rate, g.channels) == 0:
-                plan_groups.append(whole)
+                if g.prunable:  # an unprunable group stays out of the plan (its members may differ in width)
+                    plan_groups.append(whole)
                 continue
             ignored = [m for m in g.members if m in spec.ignored]
             if ignored:
@@ -637,7 +638,6 @@ def make_plan(model: nn.Module, scores_or_ranks: Any, spec: Spec | str | Mapping
                 continue
             if not g.prunable:
                 skip_or_fail(rated, g.reason, what)
-                plan_groups.append(whole)
                 continue
             kept = _select_for_group(g.members, g.channels, rate, scores, what, g.blocks)
             if kept is None:

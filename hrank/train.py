@@ -47,8 +47,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from hrank import models
-from hrank.checkpoint import build_from_record, load, model_record, save
+from hrank.checkpoint import build_from_record, load, load_state, model_record, save
 from hrank.data import Batches, ImageSet, Normalization
 from hrank.errors import HRankError
 from hrank.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_file
@@ -843,7 +842,7 @@ def load_model_file(path: str | os.PathLike, *, builder: Callable[[], nn.Module]
             raise HRankError(f"{path} holds no model")
         record = state["record"]
         model = build_from_record(record, builder)
-        models.load_checkpoint(model, state["state_dict"])
+        load_state(model, state["state_dict"], record.get("state_metadata"))
         enforce_masks(model)
         model.eval()
         info = {k: record.get(k) for k in ("arch", "normalization", "plan", "mode")}

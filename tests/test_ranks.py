@@ -299,26 +299,24 @@ def test_discovery_torchvision_block_relu_called_twice():
     assert pts["layer1.1.downsample.0"] == RankPoint("layer1.1.relu", call=1)
 
 
-def test_discovery_mobilenet_projection_is_reported_not_guessed():
+def test_discovery_mobilenet_projection_is_ranked_at_its_bn():
     model = MobileNetV2ish()
-    with pytest.warns(UserWarning, match="not ranked") as rec:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every conv has a point now
         pts = find_rank_points(model, example_input=torch.zeros(1, 3, 32, 32))
     assert pts["stem.0"] == RankPoint("stem.2")
     assert pts["blocks.0.conv.0"] == RankPoint("blocks.0.conv.2")
     assert pts["blocks.0.conv.3"] == RankPoint("blocks.0.conv.5")  # depthwise conv, ReLU6
-    assert "blocks.0.conv.6" not in pts and "blocks.1.conv.6" not in pts
-    message = str(rec[0].message)
-    assert "blocks.0.conv.6" in message and "blocks.1.conv.6" in message and "Conv2d" in message
-    with pytest.raises(HRankError, match="blocks.1.conv.6"):
-        find_rank_points(model, convs=["blocks.1.conv.6"], example_input=torch.zeros(1, 3, 32, 32))
+    # linear bottleneck (BN -> residual add -> next conv, no activation): its own BN output
+    assert pts["blocks.0.conv.6"] == RankPoint("blocks.0.conv.7")
+    assert pts["blocks.1.conv.6"] == RankPoint("blocks.1.conv.7")
 
 
 def test_discovery_concat_slice_and_functional_relu():
     pts = find_rank_points(DenseCat(), example_input=torch.zeros(1, 3, 8, 8))
     assert pts == {"stem": RankPoint("relu0"), "grow": RankPoint("relu", (6, 10))}
-    with pytest.warns(UserWarning, match="functional relu"):
-        pts = find_rank_points(FunctionalRelu(), example_input=torch.zeros(1, 3, 8, 8))
-    assert pts == {"conv2": RankPoint("act")}
+    pts = find_rank_points(FunctionalRelu(), example_input=torch.zeros(1, 3, 8, 8))
+    assert pts == {"conv": RankPoint("bn", act="relu"), "conv2": RankPoint("act")}  # F.relu(bn(x)): bn + relu
 
 
 def test_discovery_matches_registry_on_densenet_transitions_and_vgg():
@@ -442,9 +440,9 @@ def test_auto_points_in_compute_ranks_with_call_index_and_unranked():
     expected = reference_ranks(model, _batches_of(data, 16, 8), got.points)
     for conv in expected:
         np.testing.assert_array_equal(got.scores[conv], expected[conv])
-    with pytest.warns(UserWarning, match="not ranked"):
-        mob = compute_ranks(MobileNetV2ish(), data, num_images=4, progress=False)
-    assert "blocks.0.conv.6" in mob.meta["unranked"] and "blocks.0.conv.6" not in mob.scores
+    mob = compute_ranks(MobileNetV2ish(), data, num_images=4, progress=False)
+    assert mob.meta["unranked"] == {} and mob.points["blocks.0.conv.6"] == RankPoint("blocks.0.conv.7")
+    assert mob.meta["no_activation"] == ["blocks.0.conv.6", "blocks.1.conv.6"]
     with pytest.raises(HRankError, match="more than once"):
         compute_ranks(model, data, num_images=4, points={"conv1": "layer1.0.relu"}, progress=False)
 
