@@ -38,6 +38,7 @@ from hrank import models
 from hrank.data import ImageSet, Normalization, crop_flip, draw_augmentation, normalize
 from hrank.errors import HRankError
 from hrank.io import atomic_save_with, require_file
+from hrank.layers import is_conv
 from hrank.models.base import RankPoint
 
 __all__ = ["Ranks", "compute_ranks", "find_rank_points", "matrix_ranks", "model_fingerprint", "METHODS"]
@@ -410,7 +411,7 @@ class _Tracer(TorchFunctionMode):
             outs = self._tensors(output)
             first = outs[0] if outs else None
             same = (first is not None and first.dim() == 4 and len(ins) == 1 and ins[0].shape == first.shape)
-            if isinstance(module, nn.Conv2d):
+            if is_conv(module):
                 kind = "conv"
             elif _is_activation(module):
                 kind = "act"
@@ -577,7 +578,7 @@ def _example_input(model: nn.Module, example_input: torch.Tensor | None) -> torc
 
 
 def _conv_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return [name for name, m in model.named_modules() if is_conv(m)]
 
 
 def _resolve_points(model: nn.Module, points: Mapping[str, str | RankPoint] | None, convs: Sequence[str] | None,
@@ -1069,7 +1070,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def _model_convs(model: nn.Module) -> dict[str, int]:
-    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    return {name: m.out_channels for name, m in model.named_modules() if is_conv(m)}
 
 
 _FORMAT = "hrank-ranks"

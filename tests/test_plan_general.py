@@ -310,3 +310,17 @@ def test_budget_ignore_leaves_groups_whole():
     plan = make_plan(model, _scores(model), result.spec, example_input=x)
     assert all(len(plan.layers.get(f"blocks.0.{i}", [0] * 32)) == 32 for i in (0, 3))
     assert len(plan.layers["stem"]) < 32
+
+
+def test_conv_transpose_is_ranked_and_pruned_from_ranks():
+    from hrank.ranks import compute_ranks
+
+    torch.manual_seed(0)
+    model = UNetish().eval()
+    x = torch.randn(8, 3, 16, 16)
+    ranks = compute_ranks(model, x, num_images=8, batch_size=4, progress=False)
+    assert set(ranks.scores) == {"down", "up", "out"} and ranks.points["up"].module == "up"
+    plan = make_plan(model, ranks, Spec.from_mapping(model, {"*": 0.5}), example_input=x[:1])
+    assert len(plan.layers["up"]) == 6 and [s["conv"] for s in plan.skipped] == ["out"]
+    physical = apply_plan(copy.deepcopy(model), plan, example_input=x[:1])
+    assert physical.up.out_channels == 6 and physical(x).shape == model(x).shape
