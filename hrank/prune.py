@@ -2,13 +2,16 @@
 
 Physical mode removes channels through Torch-Pruning's dependency graph, one coupled group at a time:
 conv, BN and linear weights are sliced, with every consumer's input channels, and the option-A shortcut's
-channel map is rewritten (:class:`hrank.plan.ShortcutPruner`). A forward check compares the real widths
-with the plan afterwards. The result is an ordinary ``nn.Module``; ``model.hrank_plan`` and
-``model.hrank_mode`` record how it was made, and :func:`hrank.save` stores it without pickling modules.
+channel map is rewritten (:class:`hrank.plan.ShortcutPruner`); grouped convs keep each filter's own input
+block. A forward check compares the real widths with the plan, and the invariant check compares the
+outputs with the mask-mode network on a random batch (docs/pruning.md). The result is an ordinary
+``nn.Module``; ``model.hrank_plan`` and ``model.hrank_mode`` record how it was made, and :func:`hrank.save`
+stores it without pickling modules.
 
-Mask mode keeps every shape and zeroes the pruned filters (conv weight and bias) and the normalization
-parameters that carry them (BN gamma/beta; in DenseNet every BN that reads the concatenated channel, as the
-official code co-masks). :func:`enforce_masks` re-applies the masks after each optimizer step.
+Mask mode keeps every shape. A coupled plan zeroes everything the physical prune removes (producers'
+parameters, consumers' input columns; LayerNorms renormalize over kept channels); an independent plan zeroes,
+as HRank's code, each conv's filters and the BNs that carry them (in DenseNet every BN that reads the
+concatenated channel). :func:`enforce_masks` re-applies the masks after each optimizer step.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +39,6 @@ __all__ = ["apply_plan", "enforce_masks", "recalibrate_bn", "hrank_rule_counts",
            "model_record", "build_from_record", "MODES"]
 
 MODES = ("physical", "mask")
-MASK_BUFFER = "hrank_mask"  # non-persistent buffer on masked modules: 0/1 per output channel (dim 0)
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -415,9 +416,10 @@ def _sub_plan(plan: Plan, keep: Sequence[PlanGroup]) -> Plan:
 
 
 def _mismatch(model: nn.Module, plan: Plan, x: torch.Tensor) -> float:
-    """Physical vs mask difference of ``plan`` on copies of ``model`` (for the diagnosis)."""
+    """Physical vs mask difference of ``plan`` on a copy of ``model`` (for the diagnosis)."""
+    trial = copy.deepcopy(model)
     try:
-        apply_plan(copy.deepcopy(model), plan, example_input=x, check=True)
+        _apply(trial, plan, "physical", x, _check_fits(trial, plan, "physical"), check=True)
     except _Mismatch as e:
         return e.rel
     except HRankError:
@@ -462,21 +464,9 @@ class _Snapshot:
                 t.copy_(v)
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, mode: str = "physical",
-               example_input: torch.Tensor | None = None, check: bool = True) -> nn.Module:
-    """Prune ``model`` in place by ``plan`` and return it; sets ``model.hrank_plan`` and ``model.hrank_mode``.
-
-    ``physical`` removes the channels (a smaller, faster network); ``mask`` zeroes them with 0/1 masks and
-    keeps every shape (HRank's way; call :func:`enforce_masks` after each optimizer step). The model's
-    train/eval modes are kept. Build optimizers after this call: physical pruning replaces parameters.
-
-    All or nothing: on any error the model is exactly as before. With ``check`` (default), a physical
-    prune is verified against the invariant: on a seeded random input shaped like ``example_input`` the
-    pruned network must compute what the masked network computes (relative difference <= 1e-4), else a
-    one-line error names the first group that breaks it.
-    """
-    convs = _check_fits(model, plan, mode)
-    x = _example_input(model, plan, example_input)
+def _apply(model: nn.Module, plan: Plan, mode: str, x: torch.Tensor, convs: dict[str, nn.Module],
+           check: bool) -> None:
+    """Prune in place; on any error (``_Mismatch`` included) the model is put back exactly as before."""
     modes = {m: m.training for m in model.modules()}
     snapshot = _Snapshot(model, values=mode == "mask")
     try:
@@ -497,40 +487,40 @@ def apply_plan(model: nn.Module, plan: Plan, *, mode: str = "physical",
                     raise _Mismatch(rel)
         else:
             _apply_masks(model, plan, graph, convs)
-    except _Mismatch as e:
+    except BaseException:
         snapshot.restore()
-        _restore_modes(modes)
-        if not check or getattr(_diagnosing, "active", False):
-            raise
-        _diagnosing.active = True
-        try:
-            bad = _culprit(model, plan, x)
-        finally:
-            _diagnosing.active = False
+        raise
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, mode: str = "physical",
+               example_input: torch.Tensor | None = None, check: bool = True) -> nn.Module:
+    """Prune ``model`` in place by ``plan`` and return it; sets ``model.hrank_plan`` and ``model.hrank_mode``.
+
+    ``physical`` removes the channels (a smaller, faster network); ``mask`` zeroes them with 0/1 masks and
+    keeps every shape (HRank's way; call :func:`enforce_masks` after each optimizer step). The model's
+    train/eval modes are kept. Build optimizers after this call: physical pruning replaces parameters.
+
+    All or nothing: on any error the model is exactly as before. With ``check`` (default), a physical
+    prune is verified against the invariant: on a seeded random input shaped like ``example_input`` the
+    pruned network must compute what the masked network computes (relative difference <= 1e-4), else a
+    one-line error names the first group that breaks it.
+    """
+    convs = _check_fits(model, plan, mode)
+    x = _example_input(model, plan, example_input)
+    try:
+        _apply(model, plan, mode, x, convs, check)
+    except _Mismatch as e:
+        bad = _culprit(model, plan, x)
         where = f"; the first group that breaks it: {bad.members[0]}" if bad is not None else ""
         raise HRankError(f"the physically pruned network does not compute what the masked one does (relative "
                          f"difference {e.rel:.3g} > {CHECK_TOLERANCE:g}){where}; an op hrank cannot map "
                          f"channels through (please report this model); ignore that group to go on") from None
-    except BaseException:
-        snapshot.restore()
-        _restore_modes(modes)
-        raise
-    _restore_modes(modes)
     model.hrank_plan = plan
     model.hrank_mode = mode
     return model
-
-
-class _DiagnosisState(threading.local):
-    active = False
-
-
-_diagnosing = _DiagnosisState()
-
-
-def _restore_modes(modes: dict[nn.Module, bool]) -> None:
-    for m, training in modes.items():
-        m.training = training
 
 
 def enforce_masks(model: nn.Module) -> None:
@@ -541,14 +531,6 @@ def enforce_masks(model: nn.Module) -> None:
     """
     with torch.no_grad():
         for m in model.modules():
-            mask = getattr(m, MASK_BUFFER, None)
-            if mask is not None:
-                weight = getattr(m, "weight", None)
-                if weight is not None:
-                    weight.mul_(mask.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
-                bias = getattr(m, "bias", None)
-                if bias is not None:
-                    bias.mul_(mask.to(bias.dtype))
             for name, buf in m._buffers.items():
                 if buf is not None and name.startswith(_PARAM_MASK):
                     param = getattr(m, name[len(_PARAM_MASK):], None)
