@@ -43,6 +43,20 @@ def tiny_cifar(tmp_path: Path) -> Path:
     return write_cifar(tmp_path / "data")
 
 
+@pytest.fixture
+def cifar_sets(tiny_cifar: Path):
+    """(train, val, test) ImageSets of the tiny CIFAR folder, 16 training images held out for validation."""
+    from hrank import train
+    from hrank.data import load_cifar
+
+    with pytest.warns(UserWarning):
+        full = load_cifar(tiny_cifar, "cifar10", "train", download=False)
+    with pytest.warns(UserWarning):
+        test = load_cifar(tiny_cifar, "cifar10", "test", download=False)
+    tr, va = train.split_train_val(full, 16, seed=0)
+    return tr, va, test
+
+
 @pytest.fixture(scope="session")
 def real_cifar10() -> Path:
     """The real CIFAR-10 copy (HRANK_CIFAR10 points at the folder holding cifar-10-batches-py)."""

@@ -47,18 +47,6 @@ class WriteCounter:
             raise Killed(name)
 
 
-@pytest.fixture
-def cifar_sets(tiny_cifar: Path):
-    from hrank.data import load_cifar
-
-    with pytest.warns(UserWarning):
-        full = load_cifar(tiny_cifar, "cifar10", "train", download=False)
-    with pytest.warns(UserWarning):
-        test = load_cifar(tiny_cifar, "cifar10", "test", download=False)
-    tr, va = train.split_train_val(full, 16, seed=0)
-    return tr, va, test
-
-
 def _five_epochs():
     """On the tiny fixture (seed 0) validation top-1 improves at epochs 1, 2 and 4, not at 3 and 5: both paths."""
     return _recipe(epochs=5, lr=0.01)

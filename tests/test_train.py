@@ -11,7 +11,7 @@ from torch import nn
 
 from hrank import recipes, train
 from hrank.cli import main
-from hrank.data import ImageSet, Normalization, load_batch_files, load_cifar
+from hrank.data import ImageSet, Normalization, load_batch_files
 from hrank.errors import HRankError
 
 CPU = torch.device("cpu")
@@ -28,16 +28,6 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
-@pytest.fixture
-def cifar_sets(tiny_cifar: Path):
-    with pytest.warns(UserWarning):
-        full = load_cifar(tiny_cifar, "cifar10", "train", download=False)
-    with pytest.warns(UserWarning):
-        test = load_cifar(tiny_cifar, "cifar10", "test", download=False)
-    tr, va = train.split_train_val(full, 16, seed=0)
-    return tr, va, test
 
 
 def _recipe(**kw) -> recipes.Recipe:
