@@ -253,10 +253,6 @@ def parse_mapping_string(text: str) -> dict[str, float]:
 # Spec
 # --------------------------------------------------------------------------------------------------------
 
-def _conv_channels(model: nn.Module) -> dict[str, int]:
-    return conv_names(model)
-
-
 def _match(pattern: str, channels: Mapping[str, int]) -> list[str]:
     return [pattern] if pattern in channels else [n for n in channels if fnmatch.fnmatchcase(n, pattern)]
 
@@ -319,7 +315,7 @@ class Spec:
         if len(values) != len(entries):
             raise HRankError(f"compress_rate has {len(values)} entries but {arch} expects {len(entries)} "
                              f"(one per rate entry; see `hrank info --model {arch}` for the order)")
-        channels = _conv_channels(model)
+        channels = conv_names(model)
         fixed = models.get_spec(arch).fixed_zero_entries
         rates: dict[str, float] = {}
         notes = []
@@ -343,7 +339,7 @@ class Spec:
         alone (see :meth:`without`).
         """
         model = _resolve_model(model)
-        channels = _conv_channels(model)
+        channels = conv_names(model)
         rates = dict(base.rates) if base is not None else {}
         exact = set(base.exact) if base is not None else set()
         for pattern, rate in mapping.items():
@@ -372,7 +368,7 @@ class Spec:
         if isinstance(ignore, str):
             ignore = [p.strip() for p in ignore.split(",") if p.strip()]
         model = _resolve_model(model)
-        channels = _conv_channels(model)
+        channels = conv_names(model)
         ignored = set(self.ignored)
         for pattern in ignore:
             if not isinstance(pattern, str) or not pattern:
@@ -428,7 +424,7 @@ class Spec:
     # -- output ---------------------------------------------------------------------------------------------
     def pruned_filters(self, model: nn.Module) -> dict[str, int]:
         """``int(rate * C)`` per conv of the unpruned ``model``: the official counter's per-conv semantics."""
-        channels = _conv_channels(model)
+        channels = conv_names(model)
         return {conv: num_pruned(rate, channels[conv]) for conv, rate in self.rates.items() if conv in channels}
 
     def official_counter_pruned(self, model: nn.Module) -> dict[str, int] | None:
@@ -441,7 +437,7 @@ class Spec:
             rate = self.rates.get(self.order[counted_entry][0], 0.0)
             for conv in self.order[pruned_entry]:
                 counted[conv] = rate
-        channels = _conv_channels(model)
+        channels = conv_names(model)
         return {conv: num_pruned(rate, channels[conv]) for conv, rate in counted.items() if conv in channels}
 
     def entry_rates(self) -> list[float]:
