@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -106,6 +106,51 @@ class ImageSet:
 
     def to(self, device: torch.device | str) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.name)
+
+    # -- the Split interface (see ``Split``): how the pipeline draws batches from any dataset ------------------
+    def train_batches(self, batch_size: int, *, normalization: Normalization | str | dict, device: torch.device,
+                      seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False) -> Batches:
+        """Shuffled, augmented (pad-4 crop + flip, on ``device``) batches of ``batch_size`` per process."""
+        return Batches(self, batch_size, normalization=normalization, train=True, device=device, seed=seed,
+                       rank=rank, world_size=world_size, channels_last=channels_last)
+
+    def eval_batches(self, batch_size: int, *, normalization: Normalization | str | dict, device: torch.device,
+                     channels_last: bool = False) -> Batches:
+        """Every image once, in order, unaugmented."""
+        return Batches(self, min(batch_size, len(self)), normalization=normalization, train=False, device=device,
+                       channels_last=channels_last)
+
+    def rank_input(self) -> ImageSet:
+        """What ``compute_ranks`` takes: the ImageSet itself (it draws, augments and normalizes on its own)."""
+        return self
+
+
+class Split(Protocol):
+    """One split of a dataset, as the pipeline uses it (``ImageSet`` in memory; image folders stream).
+
+    ``train_batches``/``eval_batches`` return iterables of ``(images, labels)`` on the device, already
+    normalized, with ``len``, ``set_epoch(e)``, ``shard(rank, world)`` (a disjoint contiguous slice for
+    sharded evaluation) and the attributes ``data`` (the split), ``batch_size``, ``world_size``, ``norm``,
+    ``train``. Training order and augmentation depend only on ``(seed, epoch)`` and an image's place in the
+    global order, so N processes see the batches one process sees.
+    """
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def subset(self, indices: Any, name: str | None = None) -> Split: ...
+
+    def train_batches(self, batch_size: int, *, normalization: Normalization | str | dict, device: torch.device,
+                      seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False) -> Any: ...
+
+    def eval_batches(self, batch_size: int, *, normalization: Normalization | str | dict, device: torch.device,
+                     channels_last: bool = False) -> Any: ...
+
+    def rank_input(self) -> Any: ...
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
@@ -462,6 +507,17 @@ class Batches:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration produces."""
         self.epoch = epoch
+
+    def shard(self, rank: int, world_size: int) -> Batches:
+        """The same (unshuffled) batches over this process's contiguous slice of the images, so summed
+        counts over the processes cover every image once (sharded evaluation)."""
+        n = len(self.data)
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+        if hi <= lo:
+            raise HRankError(f"evaluation set of {n} images is smaller than the {world_size} processes")
+        part = self.data.subset(torch.arange(lo, hi), self.data.name)
+        return Batches(part, min(self.batch_size, hi - lo), normalization=self.norm, train=False,
+                       device=self.device, channels_last=self.channels_last, dtype=self.dtype)
 
     def _positions(self) -> tuple[torch.Tensor, slice]:
         """The epoch's global order (padded so every rank gets as many) and this rank's slice of it."""

@@ -30,6 +30,7 @@ from hrank.checkpoint import load_weights
 from hrank.checkpoint import save as save_model
 from hrank.criteria import l1_scores, weight_scores
 from hrank.data import ImageSet, Normalization, check_cifar, default_data_dir, load_batch_files, load_cifar
+from hrank.distributed import resolve_device
 from hrank.errors import HRankError
 from hrank.io import FreshOutput, atomic_save_with, atomic_write_json, atomic_write_text, check_writable, read_json
 from hrank.plan import Plan, make_plan
@@ -82,8 +83,6 @@ class Run:
     # -- set-up -------------------------------------------------------------------------------------------
     @staticmethod
     def _device(name: str) -> torch.device:
-        from hrank.cli.common import resolve_device
-
         return resolve_device(name)
 
     def _stage_keys(self) -> dict[str, str]:

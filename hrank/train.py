@@ -48,7 +48,10 @@ import torch.distributed as tdist
 from torch import nn
 
 from hrank.checkpoint import build_from_record, load, load_state, model_record, save
-from hrank.data import Batches, ImageSet, Normalization
+from hrank.data import Batches, ImageSet, Normalization, Split
+from hrank.distributed import DistInfo, init_distributed
+from hrank.distributed import all_reduce as _all_reduce
+from hrank.distributed import barrier as _barrier
 from hrank.errors import HRankError
 from hrank.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_file
 from hrank.prune import enforce_masks
@@ -65,68 +68,6 @@ EVAL_BATCH_SIZE = 500  # evaluation holds no activations for backward; larger ba
 
 class NonFiniteLossError(HRankError):
     """The training loss became NaN or inf; the run stopped and its last good checkpoint is kept."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Distributed setup (torchrun sets LOCAL_RANK, RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
-# ---------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a DDP job; ``world_size == 1`` when not distributed."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @staticmethod
-    def current() -> DistInfo:
-        """The running process group's rank and size (single process when none is initialised)."""
-        if tdist.is_available() and tdist.is_initialized():
-            return DistInfo(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-        return DistInfo()
-
-
-def init_distributed(device: str | torch.device | None = None) -> tuple[DistInfo, torch.device]:
-    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1); pick this process's device.
-
-    NCCL on CUDA, gloo on CPU. Without torchrun (or with one process) nothing is initialised and the
-    device is ``device`` (``auto``/None: CUDA when available).
-    """
-    from hrank.cli.common import resolve_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(None if device is None else str(device))
-    if world <= 1:
-        return DistInfo(), dev
-    if "LOCAL_RANK" not in os.environ:
-        raise HRankError("WORLD_SIZE > 1 but LOCAL_RANK is not set: start multi-process runs with torchrun")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    if not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(tdist.get_rank(), tdist.get_world_size(), local_rank), dev
-
-
-def _all_reduce(t: torch.Tensor, dist: DistInfo, op=None) -> torch.Tensor:
-    if dist.enabled:
-        tdist.all_reduce(t, op=op or tdist.ReduceOp.SUM)
-    return t
-
-
-def _barrier(dist: DistInfo) -> None:
-    if dist.enabled:
-        tdist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,36 +91,30 @@ def split_train_val(train: ImageSet, val_size: int | None = None, seed: int = 0)
     return train.subset(tr, f"{train.name}[train]"), train.subset(va, f"{train.name}[val]")
 
 
-def make_train_batches(data: ImageSet, recipe: Recipe, *, normalization: Normalization | str | dict,
-                       device: torch.device, seed: int = 0, dist: DistInfo | None = None) -> Batches:
+def make_train_batches(data: Split, recipe: Recipe, *, normalization: Normalization | str | dict,
+                       device: torch.device, seed: int = 0, dist: DistInfo | None = None) -> Any:
     """Training batches for ``recipe``: the global batch split over DDP processes, augmentation on device."""
     dist = dist or DistInfo.current()
     if recipe.batch_size % dist.world_size:
         raise HRankError(f"batch size {recipe.batch_size} is not divisible by the {dist.world_size} processes")
     if recipe.batch_size > len(data):
         raise HRankError(f"batch size {recipe.batch_size} is larger than the training set ({len(data)} images)")
-    return Batches(data, recipe.batch_size // dist.world_size, normalization=normalization, train=True,
-                   device=device, seed=seed, rank=dist.rank, world_size=dist.world_size,
-                   channels_last=_use_channels_last(recipe, device))
+    return data.train_batches(recipe.batch_size // dist.world_size, normalization=normalization, device=device,
+                              seed=seed, rank=dist.rank, world_size=dist.world_size,
+                              channels_last=_use_channels_last(recipe, device))
 
 
-def make_eval_batches(data: ImageSet, *, normalization: Normalization | str | dict, device: torch.device,
-                      batch_size: int = EVAL_BATCH_SIZE) -> Batches:
+def make_eval_batches(data: Split, *, normalization: Normalization | str | dict, device: torch.device,
+                      batch_size: int = EVAL_BATCH_SIZE) -> Any:
     """Unshuffled, unaugmented batches over the whole set (``fit`` shards them itself under DDP)."""
-    return Batches(data, min(batch_size, len(data)), normalization=normalization, train=False, device=device)
+    return data.eval_batches(batch_size, normalization=normalization, device=device)
 
 
-def _shard_eval(batches: Batches | None, dist: DistInfo) -> Batches | None:
+def _shard_eval(batches: Any, dist: DistInfo) -> Any:
     """Each process evaluates a contiguous, disjoint slice, so summed counts cover every image once."""
     if batches is None or not dist.enabled:
         return batches
-    n = len(batches.data)
-    lo, hi = n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size
-    if hi <= lo:
-        raise HRankError(f"evaluation set of {n} images is smaller than the {dist.world_size} processes")
-    part = batches.data.subset(torch.arange(lo, hi), batches.data.name)
-    return Batches(part, batches.batch_size, normalization=batches.norm, train=False, device=batches.device,
-                   channels_last=batches.channels_last, dtype=batches.dtype)
+    return batches.shard(dist.rank, dist.world_size)
 
 
 # ---------------------------------------------------------------------------------------------------

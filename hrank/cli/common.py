@@ -7,22 +7,7 @@ import math
 import os
 from collections.abc import Callable
 
-import torch
-
-from hrank.errors import HRankError
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``auto`` (or None) picks CUDA when present, else CPU; an unavailable device is a clear error."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise HRankError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HRankError("CUDA was requested but is not available on this machine")
-    return dev
+from hrank.distributed import resolve_device  # noqa: F401 - the commands' device flag
 
 
 def format_table(headers: list[str], rows: list[list], align: str | None = None) -> str:
