@@ -8,6 +8,7 @@ are mappings of training-recipe keys (see ``hrank.recipes``), with an optional `
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,24 +25,53 @@ class Key:
     types: tuple[type, ...]
     default: Any
     help: str
-    choices: tuple[str, ...] | None = None
+    choices_from: tuple[str, ...] | Callable[[], Sequence[str]] | None = None  # fixed, or a registry's names
     affects_results: bool = True  # False for keys that may change between runs of one run directory
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        c = self.choices_from
+        return tuple(c()) if callable(c) else c
+
+
+def _datasets() -> list[str]:
+    from hrank import datasets
+
+    return datasets.names()
+
+
+def _criteria() -> list[str]:
+    from hrank import criteria
+
+    return criteria.names()
+
+
+def _exporters() -> list[str]:
+    from hrank import export
+
+    return export.names()
 
 
 KEYS: dict[str, Key] = {
     # what to prune
-    "model": Key((str,), None, "architecture name from the registry (hrank info --model NAME)"),
+    "model": Key((str,), None, "the model: a registry name (hrank info), torchvision:NAME, timm:NAME or "
+                               "package.module:factory (your own; weights from 'checkpoint')"),
     "num_classes": Key((int, type(None)), None, "classifier width (default: the dataset's)"),
     "checkpoint": Key((str, type(None)), None, "trained baseline weights; none: train a baseline first "
                                                "(see 'baseline')"),
     "normalization": Key((str, type(None)), None, "input normalization: cifar or imagenet (default: what an hrank "
                                                    "checkpoint carries, else cifar)", ("cifar", "imagenet")),
     # data
-    "dataset": Key((str,), "cifar10", "dataset", ("cifar10", "cifar100")),
+    "dataset": Key((str,), "cifar10", "dataset: cifar10, cifar100, or imagefolder (data_dir/train and "
+                                      "data_dir/val with one folder per class, e.g. ImageNet)", _datasets),
     "data_dir": Key((str, type(None)), None, "dataset folder (default: $HRANK_DATA or ./data)",
                     affects_results=False),
     "download": Key((bool,), True, "download CIFAR when absent (needs a network)", affects_results=False),
-    "val_size": Key((int,), 5000, "validation images carved from the training set (model selection)"),
+    "val_size": Key((int, type(None)), None, "validation images carved from the training set for model "
+                                             "selection (default: the dataset's: 5000 for CIFAR)"),
+    "image_size": Key((int,), 224, "image folders: training crop and evaluation crop size"),
+    "resize_size": Key((int,), 256, "image folders: evaluation resize before the centre crop"),
+    "workers": Key((int,), 4, "image folders: decoding processes per data loader", affects_results=False),
     "train_subset": Key((int, type(None)), None, "train (baseline) and fine-tune on only this many training "
                                                  "images (quick runs)"),
     "test_subset": Key((int, type(None)), None, "evaluate on only the first N test images (quick runs)"),
@@ -54,7 +84,7 @@ KEYS: dict[str, Key] = {
                                  "(e.g. {recipe: scratch, epochs: 30})"),
     # scoring
     "criterion": Key((str,), "hrank", "filter score: hrank (feature-map rank), l1 (weight norm) or random",
-                     ("hrank", "l1", "random")),
+                     _criteria),
     "ranks": Key((str, type(None)), None, "use this ranks file (hrank rank --out, or imported official ranks) "
                                           "instead of computing ranks"),
     "rank_images": Key((int,), 500, "images whose feature maps are ranked (the paper's g)"),
@@ -121,9 +151,10 @@ def check_value(key: str, value: Any, where: str = "") -> Any:
         raise HRankError(f"config key {key!r}{where} must be one of {', '.join(spec.choices)}, got {value!r}")
     if key == "export":
         formats = [f.strip() for f in value.split(",") if f.strip()] if isinstance(value, str) else list(value)
-        bad = [f for f in formats if f not in ("onnx", "torchscript")]
+        known = _exporters()
+        bad = [f for f in formats if f not in known]
         if bad:
-            raise HRankError(f"config key 'export'{where}: unknown format {bad[0]!r} (onnx, torchscript)")
+            raise HRankError(f"config key 'export'{where}: unknown format {bad[0]!r} ({', '.join(known)})")
         value = formats
     if key in _RECIPE_KEYS:
         preset = value.get("recipe", "scratch" if key == "baseline" else "fast")
@@ -174,14 +205,15 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         raise HRankError("give target_macs or target_params, not both")
     if any(k.startswith("target") for k in chosen) and ("compress_rate" in chosen or "rates" in chosen):
         raise HRankError("a budget (target_macs/target_params) replaces compress_rate/rates: give one or the other")
-    for key in ("rank_images", "rank_batch_size", "recalibrate_images", "latency_batch", "round_to"):
+    for key in ("rank_images", "rank_batch_size", "recalibrate_images", "latency_batch", "round_to", "image_size",
+                "resize_size"):
         if cfg[key] < 1:
             raise HRankError(f"config key {key!r} must be >= 1, got {cfg[key]}")
     for key in ("train_subset", "test_subset", "num_classes"):
         if cfg[key] is not None and cfg[key] < 1:
             raise HRankError(f"config key {key!r} must be >= 1, got {cfg[key]}")
-    for key in ("seed", "val_size"):
-        if cfg[key] < 0:
+    for key in ("seed", "val_size", "workers"):
+        if cfg[key] is not None and cfg[key] < 0:
             raise HRankError(f"config key {key!r} must be >= 0, got {cfg[key]}")
     if not 0 < cfg["max_rate"] < 1:
         raise HRankError(f"config key 'max_rate' must be in (0, 1), got {cfg['max_rate']}")

@@ -120,8 +120,10 @@ class ImageSet:
         return Batches(self, min(batch_size, len(self)), normalization=normalization, train=False, device=device,
                        channels_last=channels_last)
 
-    def rank_input(self) -> ImageSet:
-        """What ``compute_ranks`` takes: the ImageSet itself (it draws, augments and normalizes on its own)."""
+    def rank_input(self, *, augment: bool = True, seed: int = 0,
+                   normalization: Normalization | str | dict | None = None) -> ImageSet:
+        """What ``compute_ranks`` takes: the ImageSet itself (it draws, augments and normalizes on its own,
+        from the same ``augment``/``seed``/``normalization`` passed to it)."""
         return self
 
 
@@ -150,7 +152,8 @@ class Split(Protocol):
     def eval_batches(self, batch_size: int, *, normalization: Normalization | str | dict, device: torch.device,
                      channels_last: bool = False) -> Any: ...
 
-    def rank_input(self) -> Any: ...
+    def rank_input(self, *, augment: bool = True, seed: int = 0,
+                   normalization: Normalization | str | dict | None = None) -> Any: ...
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,3 +113,35 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         Path(path).unlink(missing_ok=True)
         raise HRankError(f"ONNX output differs from PyTorch by {diff:.2e} (> {atol:g}); file not kept")
     return check
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """One registered export format: the file it writes (in a run directory) and the function writing it."""
+
+    name: str
+    filename: str
+    export: Callable[..., ExportCheck]  # (model, path, input_size) -> ExportCheck
+
+
+_REGISTRY: dict[str, Exporter] = {}
+
+
+def register(exporter: Exporter) -> Exporter:
+    """Make an export format available to ``hrank run``'s ``export`` key."""
+    _REGISTRY[exporter.name] = exporter
+    return exporter
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Exporter:
+    if name not in _REGISTRY:
+        raise HRankError(f"unknown export format {name!r}; choose from {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+register(Exporter("onnx", "model.onnx", export_onnx))
+register(Exporter("torchscript", "model.torchscript.pt", export_torchscript))

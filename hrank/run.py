@@ -1,10 +1,16 @@
 """``hrank run``: trained model -> ranks -> plan -> pruned -> fine-tuned -> evaluated -> report -> export.
 
-Every stage writes its artefacts into the run directory and records itself in ``stages.json`` with a hash
-of the configuration it depends on (and of the stages before it). Re-running the same command skips every
-stage whose record and outputs are there, and the fine-tune resumes from its last epoch, so a run
-interrupted at any point continues where it stopped. A run directory belongs to one configuration: a
-different one is refused unless ``force`` is given, and then only the stages whose inputs changed rerun.
+The stages are compositions of :mod:`hrank.pipeline`'s steps (the same functions ``hrank rank/prune/
+finetune/eval`` call). Every stage writes its artefacts into the run directory and records itself in
+``stages.json`` with a hash of the configuration it depends on (and of the stages before it). Re-running the
+same command skips every stage whose record and outputs are there, and the fine-tune resumes from its last
+epoch, so a run interrupted at any point continues where it stopped. A run directory belongs to one
+configuration: a different one is refused unless ``force`` is given, and then only the stages whose inputs
+changed rerun.
+
+Under ``torchrun`` every process runs every stage: ranks are computed on a share of the images each and
+all-reduced, fine-tuning is DDP, evaluation is sharded and gathered; cheap stages are computed by every
+process from the same files; files are written by rank 0 only, and the processes meet after each stage.
 """
 
 from __future__ import annotations
@@ -23,23 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from hrank import __version__, config, flops, models
-from hrank.budget import BudgetResult, find_budget, parse_target
+from hrank import __version__, config, datasets, flops, models, pipeline
 from hrank.checkpoint import load as load_model
-from hrank.checkpoint import load_weights
 from hrank.checkpoint import save as save_model
-from hrank.criteria import l1_scores, weight_scores
-from hrank.data import ImageSet, Normalization, check_cifar, default_data_dir, load_batch_files, load_cifar
-from hrank.distributed import resolve_device
+from hrank.data import Normalization, Split, load_batch_files
+from hrank.datasets import DataOptions, DataSplits
+from hrank.distributed import barrier, broadcast, init_distributed, on_main
 from hrank.errors import HRankError
 from hrank.io import FreshOutput, atomic_save_with, atomic_write_json, atomic_write_text, check_writable, read_json
-from hrank.plan import Plan, make_plan
+from hrank.plan import Plan
 from hrank.profile import compare_latency, state_dict_bytes
-from hrank.prune import apply_plan, hrank_rule_counts, recalibrate_bn
-from hrank.ranks import Ranks, compute_ranks, model_fingerprint
+from hrank.ranks import Ranks
 from hrank.spec import Spec
-from hrank.train import evaluate, fit, make_eval_batches, make_train_batches, split_train_val
-from hrank.validate import check_finite
 
 STAGES = ("baseline", "scores", "spec", "plan", "prune", "finetune", "evaluate", "export", "report")
 
@@ -53,10 +54,24 @@ def _file_id(path: str | None) -> Any:
     if not path:
         return None
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise HRankError(f"file not found: {p}")
     st = p.stat()
-    return [str(p.resolve()), st.st_size, int(st.st_mtime)]
+    return [str(p.resolve()), st.st_size if p.is_file() else None, int(st.st_mtime)]
+
+
+def rate_options(cfg: dict[str, Any]) -> pipeline.RateOptions:
+    """The config's rate keys as the pipeline's ``RateOptions``."""
+    return pipeline.RateOptions(compress_rate=cfg["compress_rate"], rates=cfg["rates"], ignore=cfg["ignore"],
+                                target_macs=cfg["target_macs"], target_params=cfg["target_params"],
+                                max_rate=cfg["max_rate"], budget_order=cfg["budget_order"], round_to=cfg["round_to"])
+
+
+def data_options(cfg: dict[str, Any]) -> DataOptions:
+    """The config's data keys as the dataset registry's ``DataOptions``."""
+    return DataOptions(root=cfg["data_dir"], download=cfg["download"], val_size=cfg["val_size"], seed=cfg["seed"],
+                       train_subset=cfg["train_subset"], test_subset=cfg["test_subset"],
+                       image_size=cfg["image_size"], resize_size=cfg["resize_size"], workers=cfg["workers"])
 
 
 class Run:
@@ -67,28 +82,50 @@ class Run:
         self.cfg = cfg
         self.dir = Path(run_dir)
         self.force = force
-        self.progress = progress
-        self.print = printer
-        self.device = self._device(cfg["device"])
+        self.dist, self.device = init_distributed(cfg["device"])
+        self.main = self.dist.is_main
+        self.progress = progress and self.main
+        self.print = printer if self.main else (lambda _: None)
         self.spec_info = models.get_spec(cfg["model"])
-        self.input_size = self.spec_info.input_size
         self.stage_keys = self._stage_keys()
-        self._data: dict[str, ImageSet | None] | None = None
+        self._data: DataSplits | None = None
+        self._lossless: Split | None = None
         self.state: dict[str, Any] = {}
-        self._fresh = FreshOutput.of(self.dir) if not self.dir.is_file() else None  # what an early error undoes
+        self._fresh = FreshOutput.of(self.dir) if self.main and not self.dir.is_file() else None
         self._changed: list[str] = []  # config keys that differ from the run directory's (accepted with force)
-        self._preflight()
-        self._claim_directory()
+        self._everywhere(self._preflight)
+        on_main(self._claim_directory, self.dist)
+        barrier(self.dist)
 
     # -- set-up -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _device(name: str) -> torch.device:
-        return resolve_device(name)
+    def _everywhere(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on every process; if it fails on any, it fails on all (none is left waiting)."""
+        if not self.dist.enabled:
+            return fn()
+        error = None
+        try:
+            result = fn()
+        except HRankError as e:
+            error, failure = str(e), e
+        flags = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(flags, error)
+        if error is not None:
+            raise failure
+        first = next((f for f in flags if f is not None), None)
+        if first is not None:
+            raise HRankError(f"another process failed: {first}")
+        return result
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model sees: the dataset's."""
+        return datasets.get(self.cfg["dataset"]).input_size(data_options(self.cfg))
 
     def _stage_keys(self) -> dict[str, str]:
         c = self.cfg
-        base = _hash([c["model"], c["num_classes"], _file_id(c["checkpoint"]), c["normalization"], c["dataset"],
-                      c["seed"], c["val_size"],
+        data = [c["dataset"], c["seed"], c["val_size"]] + ([c["image_size"], c["resize_size"]]
+                                                             if c["dataset"] not in ("cifar10", "cifar100") else [])
+        base = _hash([c["model"], c["num_classes"], _file_id(c["checkpoint"]), c["normalization"], data,
                       [c["baseline"], c["train_subset"]] if not c["checkpoint"] else None])
         scores = _hash([base, c["criterion"], _file_id(c["ranks"]), c["rank_images"], c["rank_batch_size"],
                         c["rank_augment"]])
@@ -108,31 +145,23 @@ class Run:
         inputs, and (when a stage is left to run) the data and the sizes that depend on it."""
         c = self.cfg
         self._check_directory()
-        model = models.create(c["model"], num_classes=self.num_classes)
-        if c["checkpoint"]:
-            load_weights(model, c["checkpoint"])
-            check_finite(model, f"checkpoint {c['checkpoint']}")
-        if c["compress_rate"] is not None:
-            Spec.from_string(model, c["compress_rate"]).without(model, c["ignore"] or ())
-        elif c["rates"] is not None:
-            from hrank.spec import parse_mapping_string
-
-            Spec.from_mapping(model, parse_mapping_string(c["rates"]) if isinstance(c["rates"], str) else c["rates"],
-                              ignore=c["ignore"] or ())
-        else:
-            parse_target(c["target_macs"] if c["target_macs"] is not None else c["target_params"])
-            if not (self.dir / "spec.json").exists():  # a target that cannot be met fails now, not after ranking
-                self._find_budget(model, l1_scores(model))
+        loaded = pipeline.load_model(c["model"], checkpoint=c["checkpoint"], num_classes=self.num_classes,
+                                     normalization=c["normalization"], dataset=c["dataset"])
+        model = loaded.model
+        rates = rate_options(c)
+        if rates.target is None or not (self.dir / "spec.json").exists():
+            pipeline.check_rates(model, rates)  # an unreachable target fails now, not after ranking
         if c["ranks"]:
-            Ranks.load(c["ranks"], model=model)
-        check_cifar(c["data_dir"] or default_data_dir(), c["dataset"], download=c["download"])
-        for path in (c["lossless_test"],):
-            if path and not Path(path).is_file():
-                raise HRankError(f"file not found: {path}")
+            pipeline.load_scores(c["ranks"], model, c["model"])
+        if c["criterion"] != "hrank" and c["ranks"]:
+            raise HRankError(f"'ranks' is a file of HRank ranks; criterion {c['criterion']} does not use it")
+        datasets.check(c["dataset"], data_options(c))
+        if c["lossless_test"] and not Path(c["lossless_test"]).is_file():
+            raise HRankError(f"file not found: {c['lossless_test']}")
         finetune = config.finetune_recipe(c)
         baseline = config.baseline_recipe(c) if not c["checkpoint"] else None
         if self._stages_left():
-            self._check_data(finetune, baseline)
+            self._check_data(model, finetune, baseline)
 
     def _check_directory(self) -> None:
         """The run directory can be written, and what it holds is an hrank run (or nothing)."""
@@ -162,19 +191,20 @@ class Run:
         return not all((self.state.get(s) or {}).get("key") == self.stage_keys[s] and self.state[s].get("done")
                        for s in STAGES)
 
-    def _check_data(self, finetune: Any, baseline: Any) -> None:
+    def _check_data(self, model: nn.Module, finetune: Any, baseline: Any) -> None:
         """Load the data now (download included) and check every size that depends on it."""
         c = self.cfg
         data = self.data  # validates the files, val_size and the lossless test file
-        classes = data["train"].num_classes
-        if self.num_classes != classes:
-            raise HRankError(f"num_classes {self.num_classes} does not match {c['dataset']} ({classes} classes)")
+        pipeline.check_classes(model, data.num_classes, c["dataset"])
         for what, recipe in (("finetune", finetune), ("baseline", baseline)):
-            if recipe is not None and recipe.batch_size > len(data["finetune"]):
+            if recipe is not None and recipe.batch_size > len(data.finetune):
                 raise HRankError(f"{what} batch_size {recipe.batch_size} is larger than the training set "
-                                 f"({len(data['finetune'])} images)")
-        if c["criterion"] == "hrank" and not c["ranks"] and c["rank_images"] > len(data["train"]):
-            raise HRankError(f"rank_images {c['rank_images']} is more than the {len(data['train'])} training images "
+                                 f"({len(data.finetune)} images)")
+            if recipe is not None and recipe.batch_size % self.dist.world_size:
+                raise HRankError(f"{what} batch_size {recipe.batch_size} is not divisible by the "
+                                 f"{self.dist.world_size} processes")
+        if c["criterion"] == "hrank" and not c["ranks"] and c["rank_images"] > len(data.train):
+            raise HRankError(f"rank_images {c['rank_images']} is more than the {len(data.train)} training images "
                              "(after the validation split); lower rank_images")
 
     def _claim_directory(self) -> None:
@@ -184,33 +214,48 @@ class Run:
         if self._changed:
             self.print(f"config changed ({', '.join(self._changed)}): stages that depend on it will rerun")
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg_path, {"identity": mine, "config": self.cfg, "hrank_version": __version__})
+        atomic_write_json(cfg_path, {"identity": mine, "config": self.cfg, "hrank_version": __version__,
+                                     "world_size": self.dist.world_size})
 
     # -- stage bookkeeping --------------------------------------------------------------------------------
     # Work directories of stages that resume inside themselves (training); cleared when their inputs change.
     _WORK_DIRS = {"baseline": "baseline_train", "finetune": "finetune"}
 
     def _save_state(self) -> None:
-        atomic_write_json(self.dir / "stages.json", self.state)
+        if self.main:
+            atomic_write_json(self.dir / "stages.json", self.state)
 
-    def _stage(self, stage: str, outputs: list[str], fn: Callable[[], None]) -> None:
+    def _write(self, fn: Callable[[], Any]) -> None:
+        """Writes happen on rank 0 only; the other processes wait for them (and learn of a failure)."""
+        on_main(fn, self.dist)
+
+    def _stage(self, stage: str, outputs: list[str], fn: Callable[[], None], *, main_only: bool = False) -> None:
         key = self.stage_keys[stage]
         rec = self.state.get(stage)
-        if rec is not None and rec.get("key") == key and rec.get("done") \
-                and all((self.dir / o).exists() for o in outputs):
+        done = rec is not None and rec.get("key") == key and rec.get("done") \
+            and all((self.dir / o).exists() for o in outputs)
+        if broadcast(bool(done), self.dist):  # rank 0 decides: every process skips or runs the same stages
             self.print(f"[{stage}] done before, skipped")
             return
         resuming = rec is not None and rec.get("key") == key
         work = self._WORK_DIRS.get(stage)
-        if not resuming and work and (self.dir / work).exists():
-            shutil.rmtree(self.dir / work)  # made for other inputs (the config changed under --force)
+
+        def begin() -> None:
+            if not resuming and work and (self.dir / work).exists():
+                shutil.rmtree(self.dir / work)  # made for other inputs (the config changed under --force)
+            for later in STAGES[STAGES.index(stage) + 1:]:  # they depend on this one
+                self.state.pop(later, None)
+            self.state[stage] = {"key": key, "done": False}
+            self._save_state()
+
         self.print(f"[{stage}] {'resuming' if resuming and work else '...'}")
-        for later in STAGES[STAGES.index(stage) + 1:]:  # they depend on this one
-            self.state.pop(later, None)
-        self.state[stage] = {"key": key, "done": False}
-        self._save_state()
+        self._write(begin)
         t0 = time.perf_counter()
-        fn()
+        if main_only:
+            on_main(fn, self.dist)
+        else:
+            fn()
+        barrier(self.dist)
         self.state[stage] = {"key": key, "done": True, "seconds": round(time.perf_counter() - t0, 2)}
         self._save_state()
 
@@ -219,53 +264,34 @@ class Run:
 
     # -- data ---------------------------------------------------------------------------------------------
     @property
-    def data(self) -> dict[str, ImageSet | None]:
+    def data(self) -> DataSplits:
         if self._data is None:
             c = self.cfg
-            data_dir = c["data_dir"] or str(default_data_dir())
-            train = load_cifar(data_dir, c["dataset"], "train", download=c["download"])
-            test = load_cifar(data_dir, c["dataset"], "test", download=c["download"])
-            if c["val_size"] >= len(train):
-                raise HRankError(f"val_size {c['val_size']} leaves no training images ({len(train)} in total)")
-            train_part, val = split_train_val(train, c["val_size"], seed=c["seed"])
-            ft_train = train_part
-            if c["train_subset"] is not None and c["train_subset"] < len(train_part):
-                pick = np.random.default_rng(c["seed"] + 1).permutation(len(train_part))[: c["train_subset"]]
-                ft_train = train_part.subset(np.sort(pick), f"{train_part.name}[subset]")
-            if c["test_subset"] is not None and c["test_subset"] < len(test):
-                test = test.subset(np.arange(c["test_subset"]), f"{test.name}[:{c['test_subset']}]")
-            lossless = None
+            self._data = pipeline.load_data(c["dataset"], data_options(c))
             if c["lossless_test"]:
-                lossless = load_batch_files([Path(c["lossless_test"])], train.num_classes, name="lossless")
-            # "train" feeds ranks and BN recalibration; "finetune" (maybe a subset) feeds training
-            self._data = {"train": train_part, "finetune": ft_train, "val": val, "test": test, "lossless": lossless}
+                self._lossless = load_batch_files([Path(c["lossless_test"])], self._data.num_classes,
+                                                  name="lossless")
         return self._data
 
     @property
     def num_classes(self) -> int:
-        return self.cfg["num_classes"] or (100 if self.cfg["dataset"] == "cifar100" else self.spec_info.num_classes)
+        c = self.cfg
+        if c["num_classes"]:
+            return c["num_classes"]
+        if c["dataset"] == "cifar100":
+            return 100
+        if c["dataset"] == "cifar10":
+            return 10
+        return self.data.num_classes  # image folders: one class per folder
 
     def _metrics(self, model: nn.Module, norm: Normalization, splits=("val", "test", "lossless")) -> dict:
-        out = {}
-        model = model.to(self.device)
-        for split in splits:
-            ds = self.data[split]
-            if ds is not None:
-                out[f"{split}_top1"] = evaluate(model, make_eval_batches(ds, normalization=norm,
-                                                                         device=self.device))["top1"]
-        return out
+        data = self.data
+        named = {"val": data.val, "test": data.test, "lossless": self._lossless}
+        return pipeline.evaluate_splits(model, {k: named[k] for k in splits}, normalization=norm, device=self.device)
 
     def _profile(self, model: nn.Module) -> dict:
         c = flops.count(model, self.input_size)
         return {"macs": c.macs, "params": c.params, "size_bytes": state_dict_bytes(model)}
-
-    def _find_budget(self, model: nn.Module, scores: Any,
-                     progress: Callable[[str], None] | None = None) -> BudgetResult:
-        """The config's MACs or params target turned into rates (``hrank.budget.find_budget``)."""
-        c = self.cfg
-        metric = "macs" if c["target_macs"] is not None else "params"
-        return find_budget(model, scores, target=c[f"target_{metric}"], metric=metric, max_rate=c["max_rate"],
-                           order=c["budget_order"], round_to=c["round_to"], progress=progress, ignore=c["ignore"])
 
     def _latency(self, named: dict[str, nn.Module]) -> dict[str, dict]:
         """Batch-1 and batched latency of the given models, measured in alternation (same conditions)."""
@@ -288,32 +314,28 @@ class Run:
     # -- stages -------------------------------------------------------------------------------------------
     def _baseline(self) -> None:
         c = self.cfg
-        model = models.create(c["model"], num_classes=self.num_classes)
-        norm_name = c["normalization"]
-        if c["checkpoint"]:
-            extra = load_weights(model, c["checkpoint"])
-            norm = Normalization.get(norm_name or extra.get("normalization") or "cifar")
-            source = f"checkpoint {c['checkpoint']}"
-        else:
-            norm = Normalization.get(norm_name or self.spec_info.normalization)
+        loaded = pipeline.load_model(c["model"], checkpoint=c["checkpoint"], num_classes=self.num_classes,
+                                     normalization=c["normalization"], dataset=c["dataset"])
+        model, norm = loaded.model, loaded.normalization
+        source = loaded.source
+        if not c["checkpoint"]:
             recipe = config.baseline_recipe(c)
             self.print(f"no checkpoint: training a baseline ({recipe.name}, {recipe.epochs} epochs)")
             torch.manual_seed(c["seed"])
-            model = models.create(c["model"], num_classes=self.num_classes).to(self.device)
-            data = self.data
-            fit(model, make_train_batches(data["finetune"], recipe, normalization=norm, device=self.device,
-                                          seed=c["seed"]),
-                make_eval_batches(data["val"], normalization=norm, device=self.device) if data["val"] else None,
-                recipe, out_dir=self.dir / "baseline_train", resume=True, progress=self.progress,
-                select_on_test=data["val"] is None, printer=self.print,
-                test_batches=None if data["val"] else make_eval_batches(data["test"], normalization=norm,
-                                                                        device=self.device))
+            model = models.create(c["model"], num_classes=self.num_classes)
+            pipeline.finetune(model, self.data, recipe, normalization=norm, device=self.device,
+                              out_dir=self.dir / "baseline_train", seed=c["seed"], resume=True,
+                              progress=self.progress, printer=self.print)
             source = f"trained here ({recipe.name}, {recipe.epochs} epochs)"
         model = model.cpu().eval()
-        save_model(model, self.dir / "baseline.pt", arch=c["model"], normalization=norm)
         info = {"source": source, "normalization": norm.to_json(), **self._metrics(model, norm)}
         info.update(self._profile(model))
-        atomic_write_json(self.dir / "baseline.json", info)
+
+        def write() -> None:
+            save_model(model, self.dir / "baseline.pt", arch=c["model"], normalization=norm)
+            atomic_write_json(self.dir / "baseline.json", info)
+
+        self._write(write)
         self.print(f"baseline: {self._fmt_metrics(info)}")
 
     def _baseline_model(self) -> tuple[nn.Module, Normalization]:
@@ -323,50 +345,35 @@ class Run:
     def _scores(self) -> None:
         c = self.cfg
         model, norm = self._baseline_model()
-        if c["criterion"] == "hrank":
-            if c["ranks"]:
-                ranks = Ranks.load(c["ranks"], model=model)
-                self.print(f"ranks from {c['ranks']} ({ranks.num_images} images)")
-            else:
-                ranks = compute_ranks(model, self.data["train"], num_images=c["rank_images"],
-                                      batch_size=c["rank_batch_size"], device=self.device, progress=self.progress,
-                                      augment=c["rank_augment"], seed=c["seed"], normalization=norm)
+        if c["ranks"]:
+            ranks = pipeline.load_scores(c["ranks"], model, c["model"])
+            self.print(f"ranks from {c['ranks']} ({ranks.num_images} images)")
         else:
-            convs = list(models.prunable_convs(model))
-            scores = weight_scores(c["criterion"], model, convs, seed=c["seed"])
-            ranks = Ranks(scores, 0, fingerprint=model_fingerprint(model), arch=c["model"],
-                          meta={"criterion": c["criterion"], "seed": c["seed"]})
-        ranks.save(self.dir / "scores.npz")
+            ranks = pipeline.score_filters(model, c["criterion"], data=self.data.train, num_images=c["rank_images"],
+                                           batch_size=c["rank_batch_size"], augment=c["rank_augment"],
+                                           seed=c["seed"], normalization=norm, device=self.device,
+                                           progress=self.progress)
+        self._write(lambda: ranks.save(self.dir / "scores.npz"))
 
     def _spec(self) -> None:
         c = self.cfg
         model, _ = self._baseline_model()
         scores = Ranks.load(self.dir / "scores.npz", model=model)
-        info: dict[str, Any] = {}
-        if c["target_macs"] is not None or c["target_params"] is not None:
-            result = self._find_budget(model, scores, progress=self.print)
-            spec = result.spec
-            info["budget"] = result.to_json()
-            text = result.hrank_string()
-            self.print(f"budget: {result.describe()}")
-            self.print(f"rates found: {text}" if text else "rates found: see spec.json")
-        elif c["compress_rate"] is not None:
-            spec = Spec.from_string(model, c["compress_rate"]).without(model, c["ignore"] or ())
-        else:
-            from hrank.spec import parse_mapping_string
-
-            rates = parse_mapping_string(c["rates"]) if isinstance(c["rates"], str) else c["rates"]
-            spec = Spec.from_mapping(model, rates, ignore=c["ignore"] or ())
-        for note in spec.notes:
+        result = pipeline.build_spec(model, rate_options(c), scores, progress=self.print)
+        info = result.to_json()
+        if result.budget is not None:
+            self.print(f"budget: {result.budget.describe()}")
+            self.print(f"rates found: {info['compress_rate']}" if info["compress_rate"] else
+                       "rates found: see spec.json")
+        for note in result.spec.notes:
             self.print(f"note: {note}")
-        try:
-            info["compress_rate"] = spec.to_hrank_string()
-        except HRankError:
-            info["compress_rate"] = None
-        info["spec"] = spec.to_json()
-        atomic_write_json(self.dir / "spec.json", info)
-        if info["compress_rate"]:
-            atomic_write_text(self.dir / "compress_rate.txt", info["compress_rate"] + "\n")
+
+        def write() -> None:
+            atomic_write_json(self.dir / "spec.json", info)
+            if info["compress_rate"]:
+                atomic_write_text(self.dir / "compress_rate.txt", info["compress_rate"] + "\n")
+
+        self._write(write)
 
     def _spec_obj(self, model: nn.Module) -> Spec:
         return Spec.from_json(self._read("spec.json")["spec"], model)
@@ -375,9 +382,9 @@ class Run:
         c = self.cfg
         model, _ = self._baseline_model()
         scores = Ranks.load(self.dir / "scores.npz", model=model)
-        plan = make_plan(model, scores, self._spec_obj(model), criterion=c["criterion"], coupling=c["coupling"],
-                         width_rule=c["width_rule"])
-        plan.save(self.dir / "plan.json")
+        plan = pipeline.make_plan(model, scores, self._spec_obj(model), criterion=c["criterion"],
+                                  coupling=c["coupling"], width_rule=c["width_rule"])
+        self._write(lambda: plan.save(self.dir / "plan.json"))
         self.print(plan.summary())
         for line in plan.skipped_lines(limit=20):
             self.print(f"skipped: {line}")
@@ -386,84 +393,73 @@ class Run:
         c = self.cfg
         model, norm = self._baseline_model()
         spec = self._spec_obj(model)
-        rule = {k: {"macs": v.macs, "params": v.params} for k, v in hrank_rule_counts(model, spec).items()}
-        plan = Plan.load(self.dir / "plan.json")
-        pruned = apply_plan(model, plan, mode=c["mode"])
-        info: dict[str, Any] = {"hrank_rule": rule, "mode": c["mode"]}
-        info["after_prune"] = self._metrics(pruned, norm, ("val",))
-        if c["recalibrate"]:
-            from hrank.data import Batches
+        data = self.data
+        result = pipeline.prune_model(model, Plan.load(self.dir / "plan.json"), mode=c["mode"], spec=spec,
+                                      calibration=data.train if c["recalibrate"] else None,
+                                      calibration_images=c["recalibrate_images"], eval_split=data.val,
+                                      normalization=norm, device=self.device, seed=c["seed"] + 2)
+        info: dict[str, Any] = {"hrank_rule": {k: {"macs": v.macs, "params": v.params}
+                                               for k, v in result.hrank_rule.items()}, "mode": c["mode"]}
+        for stage in ("after_prune", "after_recalibration"):
+            if stage in result.metrics or (stage == "after_prune"):
+                m = result.metrics.get(stage)
+                info[stage] = {"val_top1": m["top1"]} if m else {}
+        if result.recalibrated_on is not None:
+            info["recalibrated_on"] = result.recalibrated_on
+        info.update(macs=result.after.macs, params=result.after.params)
 
-            pruned = pruned.to(self.device)
-            train = self.data["train"]
-            batches = Batches(train, min(128, c["recalibrate_images"], len(train)), normalization=norm, train=True,
-                              drop_last=False, device=self.device, seed=c["seed"] + 2)
-            used = recalibrate_bn(pruned, batches, c["recalibrate_images"])
-            info["recalibrated_on"] = used
-            info["after_recalibration"] = self._metrics(pruned, norm, ("val",))
-        pruned = pruned.cpu().eval()
-        info.update(flops.count(pruned, self.input_size).to_json())
-        info.pop("layers")
-        save_model(pruned, self.dir / "pruned.pt", normalization=norm)
-        atomic_write_json(self.dir / "prune.json", info)
+        def write() -> None:
+            save_model(result.model, self.dir / "pruned.pt", normalization=norm)
+            atomic_write_json(self.dir / "prune.json", info)
+
+        self._write(write)
         msg = f"pruned ({c['mode']}): {flops.format_count(info['macs'])} MACs, {flops.format_count(info['params'])} " \
               f"params; val top-1 {info['after_prune'].get('val_top1', float('nan')):.2f}% right after pruning"
-        if c["recalibrate"]:
+        if "after_recalibration" in info:
             msg += f", {info['after_recalibration'].get('val_top1', float('nan')):.2f}% after BN recalibration"
         self.print(msg)
 
     def _finetune(self) -> None:
         c = self.cfg
         recipe = config.finetune_recipe(c)
-        data = self.data
         norm = Normalization.get(self._read("baseline.json")["normalization"])
-        val = make_eval_batches(data["val"], normalization=norm, device=self.device) if data["val"] else None
-        test = make_eval_batches(data["test"], normalization=norm, device=self.device)
-        train = make_train_batches(data["finetune"], recipe, normalization=norm, device=self.device,
-                                   seed=c["seed"])
         out = self.dir / "finetune"
-        torch.manual_seed(c["seed"])
         if recipe.layerwise:
-            from hrank.layerwise import fit_layerwise
-
-            base, _ = self._baseline_model()
-            _, result = fit_layerwise(base.to(self.device), Plan.load(self.dir / "plan.json"), train, val, recipe,
-                                   out_dir=out, mode=c["mode"], resume=True, test_batches=test,
-                                   select_on_test=c["select_on_test"] or val is None, progress=self.progress,
-                                   printer=self.print)
+            model, _ = self._baseline_model()
+            plan = Plan.load(self.dir / "plan.json")
         else:
             model, _ = load_model(self.dir / "pruned.pt")
-            result = fit(model.to(self.device), train, val, recipe, out_dir=out, resume=True, test_batches=test,
-                         select_on_test=c["select_on_test"] or val is None, progress=self.progress,
-                         printer=self.print)
-        atomic_write_json(self.dir / "finetune.json", {"recipe": recipe.to_json(), **result.to_json()})
-        atomic_save_with(self.dir / "model.pt", lambda tmp: shutil.copyfile(out / "model.pt", tmp))
+            plan = None
+        result = pipeline.finetune(model, self.data, recipe, normalization=norm, device=self.device, out_dir=out,
+                                   seed=c["seed"], plan=plan, mode=c["mode"], resume=True,
+                                   select_on_test=c["select_on_test"], progress=self.progress, printer=self.print)
+
+        def write() -> None:
+            atomic_write_json(self.dir / "finetune.json", {"recipe": recipe.to_json(), **result.to_json()})
+            atomic_save_with(self.dir / "model.pt", lambda tmp: shutil.copyfile(out / "model.pt", tmp))
+
+        self._write(write)
 
     def _evaluate(self) -> None:
         model, meta = load_model(self.dir / "model.pt")
         norm = Normalization.get(meta["normalization"])
         info = self._metrics(model, norm)
         info.update(self._profile(model))
-        if self.cfg["latency"]:
-            baseline, _ = self._baseline_model()
-            lat = self._latency({"baseline": baseline, "final": model})
-            info.update(lat["final"])
-            info["baseline_latency"] = lat["baseline"]
-        atomic_write_json(self.dir / "final.json", info)
+
+        def latency_and_write() -> None:
+            if self.cfg["latency"]:
+                baseline, _ = self._baseline_model()
+                lat = self._latency({"baseline": baseline, "final": model})
+                info.update(lat["final"])
+                info["baseline_latency"] = lat["baseline"]
+            atomic_write_json(self.dir / "final.json", info)
+
+        self._write(latency_and_write)  # timed on rank 0 alone, the others wait
         self.print(f"fine-tuned: {self._fmt_metrics(info)}")
 
     def _export(self) -> None:
-        from hrank.export import export_onnx, export_torchscript
-
         model, _ = load_model(self.dir / "model.pt")
-        info = {}
-        for fmt in self.cfg["export"]:
-            if fmt == "onnx":
-                check = export_onnx(model, self.dir / "model.onnx", self.input_size)
-            else:
-                check = export_torchscript(model, self.dir / "model.torchscript.pt", self.input_size)
-            info[fmt] = {"path": Path(check.path).name, "max_abs_diff": check.max_abs_diff, "ok": check.ok}
-            self.print(f"exported {fmt}: {Path(check.path).name} (max |diff| vs PyTorch {check.max_abs_diff:.1e})")
+        info = pipeline.export_model(model, self.cfg["export"], self.dir, self.input_size, printer=self.print)
         atomic_write_json(self.dir / "export.json", info)
 
     def _report(self) -> None:
@@ -575,15 +571,17 @@ class Run:
         self._stage("prune", ["pruned.pt", "prune.json"], self._prune)
         self._stage("finetune", ["finetune.json", "model.pt"], self._finetune)
         self._stage("evaluate", ["final.json"], self._evaluate)
-        formats = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-        self._stage("export", ["export.json"] + [formats[f] for f in self.cfg["export"]], self._export)
-        self._stage("report", ["summary.json", "report.md", "report.html"], self._report)
+        from hrank import export
+
+        self._stage("export", ["export.json"] + [export.get(f).filename for f in self.cfg["export"]], self._export,
+                    main_only=True)
+        self._stage("report", ["summary.json", "report.md", "report.html"], self._report, main_only=True)
         self.print(f"done in {time.perf_counter() - t0:.0f} s: {self.dir}")
         return self.summary()
 
 
 def run(cfg: dict[str, Any], run_dir: str | os.PathLike, *, force: bool = False, progress: bool = True,
         printer: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or continue) the whole pipeline for a resolved config (``hrank.config.resolve``)."""
+    """Run (or continue) the whole pipeline for a resolved config (``hrank.config.resolve``); under torchrun,
+    on every process (see the module docstring)."""
     return Run(cfg, run_dir, force=force, progress=progress, printer=printer).execute()
-

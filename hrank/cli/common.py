@@ -29,15 +29,6 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
 
-def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "cifar10") -> None:
-    p.add_argument("--dataset", default=default_dataset, choices=["cifar10", "cifar100", "imagenet"],
-                   help="dataset (default %(default)s)")
-    p.add_argument("--data-dir", default=os.environ.get("HRANK_DATA", "data"),
-                   help="folder holding the dataset (default: $HRANK_DATA or ./data); CIFAR is downloaded "
-                        "there when absent and a network is available")
-    p.add_argument("--no-download", action="store_true", help="never download; fail if the data is absent")
-
-
 def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse ``type`` for whole numbers >= ``low``, so a bad value fails before any work starts."""
 
@@ -67,3 +58,21 @@ def finite_float(text: str) -> float:
 
 NONNEG_INT = int_at_least(0)
 POSITIVE_INT = int_at_least(1)
+
+
+def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "cifar10") -> None:
+    from hrank import datasets
+
+    p.add_argument("--dataset", default=default_dataset, choices=datasets.names(),
+                   help="dataset (default %(default)s); imagefolder: DATA_DIR/train and DATA_DIR/val with one "
+                        "folder per class (ImageNet layout)")
+    p.add_argument("--data-dir", default=os.environ.get("HRANK_DATA", "data"),
+                   help="folder holding the dataset (default: $HRANK_DATA or ./data); CIFAR is downloaded "
+                        "there when absent and a network is available")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if the data is absent")
+    p.add_argument("--image-size", type=POSITIVE_INT, default=224,
+                   help="image folders: training and evaluation crop size (default %(default)s)")
+    p.add_argument("--resize-size", type=POSITIVE_INT, default=256,
+                   help="image folders: evaluation resize before the centre crop (default %(default)s)")
+    p.add_argument("--workers", type=NONNEG_INT, default=4,
+                   help="image folders: decoding processes per data loader (default %(default)s)")

@@ -11,13 +11,14 @@ import time
 import numpy as np
 import torch
 
-from hrank import models
-from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_data_args, add_device_arg, format_table, resolve_device
-from hrank.data import NORMALIZATIONS, check_cifar, imagenet_loader, load_cifar
+from hrank import datasets, models, pipeline
+from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_data_args, add_device_arg, format_table
+from hrank.data import NORMALIZATIONS
+from hrank.datasets import DataOptions
+from hrank.distributed import DistInfo, init_distributed
 from hrank.errors import HRankError
 from hrank.io import check_output, require_file
-from hrank.ranks import METHODS, Ranks, compute_ranks
-from hrank.validate import check_finite
+from hrank.ranks import METHODS, Ranks
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run the model once per batch over --num-images training images with hooks on every rank "
                     "point, compute every feature map's exact matrix rank, and save the mean per filter "
                     "(npz + JSON metadata). With --official, import an official HRank rank_conv folder instead.")
-    p.add_argument("--model", required=True, help=f"architecture name ({', '.join(models.names())})")
+    p.add_argument("--model", required=True,
+                   help=f"the model: a registry name ({', '.join(models.names())}), torchvision:NAME, timm:NAME or "
+                        "package.module:factory")
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width (default: the arch's)")
     p.add_argument("--checkpoint", help="trained weights (.pt/.th state_dict); required unless --official")
     p.add_argument("--official", metavar="DIR", help="import an official HRank rank_conv/<arch> folder instead")
     p.add_argument("--out", required=True, help="output ranks file (.npz)")
@@ -46,49 +50,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun every process ranks a share of the images; rank 0 writes the one file."""
     out = check_output(args.out, force=args.force, what="output")  # written (atomically) only at the end
     started = time.perf_counter()
     if args.official:
         models.get_spec(args.model)
         ranks = Ranks.from_official(args.official, args.model)
+        dist = DistInfo()
     else:
-        ranks = _compute(args)
+        dist, device = init_distributed(args.device)
+        try:
+            ranks = _compute(args, device, dist)
+        finally:
+            if dist.enabled:
+                torch.distributed.destroy_process_group()
+    if not dist.is_main:
+        return 0
     ranks.save(out)
     print_summary(ranks)
     took = time.perf_counter() - started
-    print(f"wrote {out} ({len(ranks.scores)} convs, {ranks.num_images} images, {ranks.meta.get('source')}, "
-          f"{took:.1f} s)")
+    print(f"wrote {out} ({len(ranks.scores)} convs, {ranks.num_images} images, {ranks.meta.get('source')}"
+          f"{f', {dist.world_size} processes' if dist.enabled else ''}, {took:.1f} s)")
     return 0
 
 
-def _compute(args: argparse.Namespace) -> Ranks:
+def _compute(args: argparse.Namespace, device: torch.device, dist: DistInfo) -> Ranks:
     if not args.checkpoint:
         raise HRankError("--checkpoint is required (ranks of untrained weights are meaningless), or use --official")
-    if args.num_images < 1:
-        raise HRankError(f"--num-images must be >= 1, got {args.num_images}")
-    spec = models.get_spec(args.model)
-    device = resolve_device(args.device)
     require_file(args.checkpoint, "checkpoint")
-    if args.dataset != "imagenet":
-        if spec.dataset != "cifar":
-            raise HRankError(f"{args.model} is an ImageNet model; use --dataset imagenet")
-        check_cifar(args.data_dir, args.dataset, download=not args.no_download)  # before loading anything
-    model = models.create(args.model)
-    extra = models.load_checkpoint(model, args.checkpoint)
-    check_finite(model, f"checkpoint {args.checkpoint}")
-    norm = args.normalization or extra.get("normalization") or spec.normalization
-    model.to(device)
-    if args.dataset == "imagenet":
-        data = imagenet_loader(args.data_dir, "train", args.batch_size, train=not args.no_augment,
-                               normalization=norm, seed=args.seed)
-    else:
-        data = load_cifar(args.data_dir, args.dataset, "train", download=not args.no_download)
-    name = norm if isinstance(norm, str) else norm.get("name", "custom")
-    print(f"ranking {args.model} on {args.num_images} {args.dataset} training images "
-          f"({'augmented' if not args.no_augment else 'no augmentation'}, {name} normalization, seed {args.seed}, "
-          f"{device.type}, {torch.get_num_threads() if device.type == 'cpu' else 1} thread(s))", flush=True)
-    ranks = compute_ranks(model, data, num_images=args.num_images, batch_size=args.batch_size, device=device,
-                          augment=not args.no_augment, seed=args.seed, normalization=norm, method=args.method)
+    opts = DataOptions(root=args.data_dir, download=not args.no_download, val_size=0, seed=args.seed,
+                       image_size=args.image_size, resize_size=args.resize_size, workers=args.workers)
+    datasets.check(args.dataset, opts)  # before loading anything
+    loaded = pipeline.load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                                 normalization=args.normalization, dataset=args.dataset)
+    data = pipeline.load_data(args.dataset, opts)
+    pipeline.check_classes(loaded.model, data.num_classes, args.dataset)
+    norm = loaded.normalization
+    if dist.is_main:
+        print(f"ranking {args.model} on {args.num_images} {args.dataset} training images "
+              f"({'augmented' if not args.no_augment else 'no augmentation'}, {norm.name} normalization, seed "
+              f"{args.seed}, {device.type}, {torch.get_num_threads() if device.type == 'cpu' else 1} thread(s)"
+              f"{f', {dist.world_size} processes' if dist.enabled else ''})", flush=True)
+    ranks = pipeline.score_filters(loaded.model, "hrank", data=data.train, num_images=args.num_images,
+                                   batch_size=args.batch_size, augment=not args.no_augment, seed=args.seed,
+                                   normalization=norm, device=device, method=args.method,
+                                   progress=dist.is_main)
     ranks.meta["checkpoint"] = str(args.checkpoint)
     return ranks
 
