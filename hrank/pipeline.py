@@ -268,10 +268,11 @@ def recalibration_batches(split: Split, *, images: int, normalization: Normaliza
 
 def prune_model(model: nn.Module, plan: Plan, *, mode: str = "physical", spec: Spec | None = None,
                 calibration: Split | None = None, calibration_images: int = 512, eval_split: Split | None = None,
-                normalization: Normalization | str | dict = "cifar", device: torch.device | None = None,
-                seed: int = 0, batch_size: int = 128) -> PruneResult:
+                eval_images: int | None = None, normalization: Normalization | str | dict = "cifar",
+                device: torch.device | None = None, seed: int = 0, batch_size: int = 128) -> PruneResult:
     """Apply ``plan`` (physically, or as HRank's masks), checked against its invariant by ``apply_plan``;
-    re-estimate BN statistics on ``calibration`` images; evaluate on ``eval_split`` before and after."""
+    re-estimate BN statistics on ``calibration`` images; evaluate on (the first ``eval_images`` of)
+    ``eval_split`` before pruning, after it and after recalibration."""
     from hrank.prune import apply_plan, hrank_rule_counts, recalibrate_bn
 
     device = device or torch.device("cpu")
@@ -281,19 +282,21 @@ def prune_model(model: nn.Module, plan: Plan, *, mode: str = "physical", spec: S
     metrics: dict[str, Any] = {}
     model = model.to(device)
     if eval_split is not None:
-        metrics["dense"] = evaluate_split(model, eval_split, normalization=normalization, device=device)
+        metrics["dense"] = evaluate_split(model, eval_split, normalization=normalization, device=device,
+                                           limit=eval_images)
     model = apply_plan(model, plan, mode=mode)
     after = flops.count(model, input_size)
     used = None
     if eval_split is not None:
-        metrics["after_prune"] = evaluate_split(model, eval_split, normalization=normalization, device=device)
+        metrics["after_prune"] = evaluate_split(model, eval_split, normalization=normalization, device=device,
+                                           limit=eval_images)
     if calibration is not None:
         batches = recalibration_batches(calibration, images=calibration_images, normalization=normalization,
                                         device=device, seed=seed, batch_size=batch_size)
         used = recalibrate_bn(model.to(device), batches, calibration_images)
         if eval_split is not None:
             metrics["after_recalibration"] = evaluate_split(model, eval_split, normalization=normalization,
-                                                            device=device)
+                                                            device=device, limit=eval_images)
     return PruneResult(model.cpu().eval(), before, after, rule, metrics, used)
 
 

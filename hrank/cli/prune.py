@@ -14,17 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from hrank import config, flops, models
+from hrank import config, criteria, datasets, flops, models, pipeline
+from hrank.checkpoint import save
 from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_device_arg, finite_float, format_table, resolve_device
-from hrank.data import Batches, Normalization, load_cifar
+from hrank.datasets import DataOptions
 from hrank.errors import HRankError
 from hrank.io import FreshOutput, atomic_write_json, check_output
-from hrank.validate import check_finite
 
-CRITERIA = ("hrank", "l1", "random")
 ORDERS = config.KEYS["budget_order"].choices  # hrank.budget's, without importing it for --help
 ORDER_DEFAULT = config.KEYS["budget_order"].default
 ROUND_TO_DEFAULT = config.KEYS["round_to"].default
@@ -36,14 +34,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Make a plan (kept channels per coupled group) from ranks and compress rates, apply it "
                     "(physically by default, or as HRank's masks), optionally re-estimate BN statistics on "
                     "training images, and write DIR/plan.json, DIR/model.pt and DIR/summary.json.")
-    p.add_argument("--model", required=True, help=f"architecture ({', '.join(models.names())})")
+    p.add_argument("--model", required=True,
+                   help=f"the model: a registry name ({', '.join(models.names())}), torchvision:NAME, timm:NAME or "
+                        "package.module:factory")
     p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width (default: the arch's)")
     p.add_argument("--checkpoint", default=None,
                    help="weights of the unpruned model (any state_dict checkpoint, or a file from hrank.save)")
     src = p.add_argument_group("what to prune (ranks + rates, or a plan)")
     src.add_argument("--ranks", default=None,
                      help="ranks file from `hrank rank` (.npz), or an official rank_conv/<arch>/ folder")
-    src.add_argument("--criterion", default="hrank", choices=CRITERIA,
+    src.add_argument("--criterion", default="hrank", choices=criteria.names(),
                      help="filter scores: hrank (needs --ranks), l1 (weight norms) or random (seeded)")
     src.add_argument("--seed", type=NONNEG_INT, default=0, help="seed of --criterion random (default %(default)s)")
     src.add_argument("--compress-rate", default=None,
@@ -75,8 +75,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="physical", choices=["physical", "mask"],
                    help="physical: remove channels (default); mask: HRank's 0/1 masks, shapes unchanged")
     data = p.add_argument_group("data (optional): BN recalibration and accuracy before/after")
-    data.add_argument("--dataset", default=None, choices=["cifar10", "cifar100", "imagenet"],
-                      help="use this dataset (default when --data-dir is given: cifar10, imagenet for resnet_50)")
+    data.add_argument("--dataset", default=None, choices=datasets.names(),
+                      help="use this dataset (default when --data-dir is given: cifar10, imagefolder for ImageNet "
+                           "models)")
     data.add_argument("--data-dir", default=None,
                       help="folder holding the dataset (default when --dataset is given: $HRANK_DATA or ./data)")
     data.add_argument("--no-download", action="store_true", help="never download; fail if the data is absent")
@@ -88,6 +89,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--eval-images", type=POSITIVE_INT, default=None, help="test images to evaluate (default: all)")
     data.add_argument("--batch-size", type=POSITIVE_INT, default=256,
                       help="batch size for data passes (default %(default)s)")
+    data.add_argument("--image-size", type=POSITIVE_INT, default=224,
+                      help="image folders: crop size (default %(default)s)")
+    data.add_argument("--resize-size", type=POSITIVE_INT, default=256,
+                      help="image folders: evaluation resize before the centre crop (default %(default)s)")
+    data.add_argument("--workers", type=NONNEG_INT, default=4,
+                      help="image folders: decoding processes per data loader (default %(default)s)")
     add_device_arg(p)
     p.add_argument("--out", required=True, help="output directory (plan.json, model.pt, summary.json)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -96,88 +103,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------------------------------------
 
-def _load_scores(args: argparse.Namespace, model: nn.Module) -> Any:
+def _scores(args: argparse.Namespace, model: nn.Module) -> Any:
     if args.criterion != "hrank":
-        from hrank.criteria import weight_scores
-
         if args.ranks:
             raise HRankError(f"--ranks is not used with --criterion {args.criterion}; drop one of them")
         if not args.checkpoint:
             print(f"note: --criterion {args.criterion} without --checkpoint scores freshly initialised weights")
-        return weight_scores(args.criterion, model, models.prunable_convs(model), seed=args.seed)
+        return pipeline.score_filters(model, args.criterion, seed=args.seed)
     if not args.ranks:
         raise HRankError("--ranks is required with --criterion hrank (or use --criterion l1/random, or --plan)")
-    from hrank.ranks import Ranks
-
-    path = Path(args.ranks)
-    ranks = Ranks.from_official(path, args.model) if path.is_dir() else Ranks.load(path)
-    ranks.validate(model)
-    return ranks
+    return pipeline.load_scores(args.ranks, model, args.model)
 
 
-def _make_spec(args: argparse.Namespace, model: nn.Module):
-    from hrank.spec import Spec, parse_mapping_string
-
-    spec = Spec.from_string(model, args.compress_rate) if args.compress_rate else None
-    if args.rates_file:
-        spec = Spec.from_file(model, args.rates_file, base=spec)
-    if args.rates:
-        spec = Spec.from_mapping(model, parse_mapping_string(args.rates), base=spec)
-    if spec is None:
-        raise HRankError("give the rates: --compress-rate, --rates-file and/or --rates (or --plan)")
-    return spec.without(model, args.ignore) if args.ignore else spec
+def _rate_options(args: argparse.Namespace) -> pipeline.RateOptions:
+    return pipeline.RateOptions(compress_rate=args.compress_rate, rates=args.rates, rates_file=args.rates_file,
+                                ignore=args.ignore, target_macs=args.target_macs, target_params=args.target_params,
+                                max_rate=args.max_rate, budget_order=args.budget_order, round_to=args.round_to)
 
 
-def _accuracy(model: nn.Module, batches: Batches, limit: int | None) -> float:
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            if limit is not None and total >= limit:
-                break
-            if limit is not None:
-                x, y = x[: limit - total], y[: limit - total]
-            correct += int((model(x).argmax(1) == y).sum())
-            total += int(y.numel())
-    model.train(was_training)
-    return 100.0 * correct / max(1, total)
+def _dataset(args: argparse.Namespace, ref: str) -> str:
+    return args.dataset or ("imagefolder" if models.get_spec(ref).dataset == "imagenet" else "cifar10")
 
 
-def _dataset(args: argparse.Namespace, arch_spec) -> str:
-    return args.dataset or ("imagenet" if arch_spec.dataset == "imagenet" else "cifar10")
+def _data_options(args: argparse.Namespace) -> DataOptions:
+    return DataOptions(root=args.data_dir, download=not args.no_download, val_size=0, seed=args.seed,
+                       image_size=args.image_size, resize_size=args.resize_size, workers=args.workers)
 
 
-def _check_data(args: argparse.Namespace, arch_spec) -> None:
-    """The data flags, checked before any work: a CIFAR folder must be there (or downloadable)."""
+def _check_data(args: argparse.Namespace) -> None:
+    """The data flags, checked before any work: the dataset must be there (or downloadable)."""
     if args.dataset is None and args.data_dir is None:
         if args.eval_images is not None:
             raise HRankError("--eval-images needs data: give --data-dir (or --dataset)")
         return
-    if _dataset(args, arch_spec) != "imagenet":
-        from hrank.data import check_cifar
-
-        check_cifar(args.data_dir or os.environ.get("HRANK_DATA", "data"), _dataset(args, arch_spec),
-                    download=not args.no_download)
-
-
-def _data(args: argparse.Namespace, arch_spec, norm: Normalization, device: torch.device):
-    """(calibration batches, test batches) or (None, None) when no data was asked for."""
-    if args.dataset is None and args.data_dir is None:
-        return None, None
-    dataset = _dataset(args, arch_spec)
-    root = args.data_dir or os.environ.get("HRANK_DATA", "data")
-    if dataset == "imagenet":
-        from hrank.data import imagenet_loader
-
-        return (imagenet_loader(root, "train", args.batch_size, train=True, normalization=norm),
-                imagenet_loader(root, "val", args.batch_size, train=False, normalization=norm))
-    download = not args.no_download
-    train = load_cifar(root, dataset, "train", download=download)
-    test = load_cifar(root, dataset, "test", download=download)
-    calib = Batches(train, min(args.batch_size, len(train)), normalization=norm, train=True, drop_last=False,
-                    device=device)
-    return calib, Batches(test, args.batch_size, normalization=norm, device=device)
+    datasets.check(_dataset(args, args.model), _data_options(args))
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
@@ -197,9 +156,7 @@ def _mb(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hrank.checkpoint import load_weights
-    from hrank.plan import Plan, make_plan
-    from hrank.prune import apply_plan, hrank_rule_counts, recalibrate_bn, save
+    from hrank.plan import Plan
     from hrank.spec import Spec
 
     t0 = time.time()
@@ -214,59 +171,51 @@ def run(args: argparse.Namespace) -> int:
                          "--rates/--independent; give one way")
     if args.independent and args.mode == "physical":
         raise HRankError("--independent plans ignore coupling and are only valid with --mode mask")
-    arch_spec = models.get_spec(args.model)
     device = resolve_device(args.device)
     budget = None
-
-    model = models.create(args.model, num_classes=args.num_classes)
-    ckpt_info: dict[str, Any] = {"normalization": None}
-    if args.checkpoint:
-        ckpt_info = load_weights(model, args.checkpoint)
-        check_finite(model, f"checkpoint {args.checkpoint}")
-    norm = Normalization.get(args.normalization or ckpt_info["normalization"] or arch_spec.normalization)
-    _check_data(args, arch_spec)  # cheap: missing data fails before ranks are read or a budget is searched
+    loaded = pipeline.load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                                 normalization=args.normalization, dataset=args.dataset)
+    model, norm = loaded.model, loaded.normalization
+    _check_data(args)  # cheap: missing data fails before ranks are read or a budget is searched
 
     if args.plan:
         plan = Plan.load(args.plan)
         spec = Spec.from_json(plan.spec, model) if plan.spec.get("rates") is not None else None
         if plan.arch and plan.arch != args.model:
             raise HRankError(f"the plan is for {plan.arch}, but --model is {args.model}")
-    elif target is not None:
-        from hrank.budget import find_budget
-
-        scores = _load_scores(args, model)
-        budget = find_budget(model, scores, target=target, metric="macs" if args.target_macs is not None else "params",
-                             max_rate=args.max_rate, order=args.budget_order, round_to=args.round_to, progress=print,
-                             ignore=args.ignore)
-        spec = budget.spec
-        text = budget.hrank_string()
-        print(f"budget: {budget.describe()}; rates: {text or 'see plan.json'}")
-        plan = make_plan(model, scores, spec, criterion=args.criterion, width_rule=args.width_rule)
     else:
-        spec = _make_spec(args, model)
-        scores = _load_scores(args, model)
-        plan = make_plan(model, scores, spec, criterion=args.criterion,
-                         coupling="independent" if args.independent else "groups", width_rule=args.width_rule)
+        rates = _rate_options(args)
+        if target is None:
+            pipeline.rates_spec(model, rates)  # bad rates fail before the ranks are read
+        scores = _scores(args, model)
+        result = pipeline.build_spec(model, rates, scores, progress=print)
+        spec, budget = result.spec, result.budget
+        if budget is not None:
+            text = budget.hrank_string()
+            print(f"budget: {budget.describe()}; rates: {text or 'see plan.json'}")
+        plan = pipeline.make_plan(model, scores, spec, criterion=args.criterion,
+                                  coupling="independent" if args.independent else "groups",
+                                  width_rule=args.width_rule)
     for note in (spec.notes if spec is not None else ()):
         print(f"note: {note}")
 
-    input_size = tuple(plan.input_size)
-    before = flops.count(model, input_size)
-    rule = hrank_rule_counts(model, spec, input_size) if spec is not None else {}
-    calib, test = _data(args, arch_spec, norm, device)
-    model.to(device)
+    data = None
+    if args.dataset is not None or args.data_dir is not None:
+        data = pipeline.load_data(_dataset(args, args.model), _data_options(args))
+        pipeline.check_classes(model, data.num_classes, data.test.name or "the dataset")
+    result = pipeline.prune_model(model, plan, mode=args.mode, spec=spec,
+                                  calibration=data.train if data is not None and not args.no_recalibrate else None,
+                                  calibration_images=args.calib_images, eval_split=data.test if data else None,
+                                  eval_images=args.eval_images, normalization=norm, device=device,
+                                  batch_size=args.batch_size)
+    model, before, after, rule = result.model, result.before, result.after, result.hrank_rule
     accuracy: dict[str, Any] = {}
-    if test is not None:
-        accuracy["dense"] = _accuracy(model, test, args.eval_images)
-
-    apply_plan(model, plan, mode=args.mode)
-    after = flops.count(model, input_size)
-    if test is not None:
-        accuracy["pruned"] = _accuracy(model, test, args.eval_images)
-        if calib is not None and not args.no_recalibrate:
-            accuracy["calibration_images"] = recalibrate_bn(model, calib, num_images=args.calib_images)
-            accuracy["recalibrated"] = _accuracy(model, test, args.eval_images)
-    model.cpu().eval()
+    if "dense" in result.metrics:
+        accuracy["dense"] = result.metrics["dense"]["top1"]
+        accuracy["pruned"] = result.metrics["after_prune"]["top1"]
+    if "after_recalibration" in result.metrics:
+        accuracy["calibration_images"] = result.recalibrated_on
+        accuracy["recalibrated"] = result.metrics["after_recalibration"]["top1"]
 
     rows = [[g_member, g.channels, g.width, f"{g.rate:.3f}", g.members[0] if len(g.members) > 1 else ""]
             for g in plan.groups for g_member in g.members]

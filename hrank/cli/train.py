@@ -10,15 +10,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from hrank import models, recipes
-from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_data_args, add_device_arg, format_table
-from hrank.data import ImageSet, Normalization, load_batch_files, load_cifar
+from hrank import datasets, models, pipeline, recipes
+from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_data_args, add_device_arg, format_table, resolve_device
+from hrank.data import Normalization, load_batch_files
+from hrank.datasets import DataOptions
+from hrank.distributed import init_distributed
 from hrank.errors import HRankError
 from hrank.io import FreshOutput, atomic_write_json, check_output, check_writable, prepare_output, read_json
-from hrank.validate import check_finite
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -126,13 +126,10 @@ def _recipe(args: argparse.Namespace, default: str) -> recipes.Recipe:
 
 # ---------------------------------------------------------------------------------------------------
 
-def _load_data(args: argparse.Namespace) -> tuple[ImageSet, ImageSet]:
-    if args.dataset == "imagenet":
-        raise HRankError("hrank train/finetune/eval read CIFAR-10/100 here; for ImageNet call hrank.train.fit "
-                         "from Python with your own loader")
-    download = not args.no_download
-    return (load_cifar(args.data_dir, args.dataset, "train", download=download),
-            load_cifar(args.data_dir, args.dataset, "test", download=download))
+def _data_options(args: argparse.Namespace, val_size: int | None = None) -> DataOptions:
+    return DataOptions(root=args.data_dir, download=not args.no_download, val_size=val_size, seed=args.seed,
+                       train_subset=getattr(args, "train_subset", None), image_size=args.image_size,
+                       resize_size=args.resize_size, workers=args.workers)
 
 
 def _check_out(args: argparse.Namespace) -> Path:
@@ -172,83 +169,45 @@ def _holds_progress(out: Path) -> bool:
     return out.is_dir() and any(out.rglob("last.pt"))
 
 
-def load_model_source(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model named by --model-file, or --model + --checkpoint; returns (model, info)."""
-    from hrank.train import load_model_file
-
+def load_model_source(args: argparse.Namespace) -> pipeline.LoadedModel:
+    """The model named by --model-file, or --model + --checkpoint."""
     if args.model_file and (args.model or args.checkpoint):
         raise HRankError("give either --model-file or --model with --checkpoint, not both")
-    if args.model_file:
-        model, info = load_model_file(args.model_file)
-        return check_finite(model, f"model file {args.model_file}"), info
-    if not args.model:
-        raise HRankError("no model: give --model-file, or --model with --checkpoint")
-    if not args.checkpoint:
-        raise HRankError(f"--model {args.model} needs --checkpoint (to train from scratch use hrank train)")
-    spec = models.get_spec(args.model)
-    model = models.create(args.model, num_classes=args.num_classes)
-    models.load_checkpoint(model, args.checkpoint)
-    check_finite(model, f"checkpoint {args.checkpoint}")
-    return model, {"arch": args.model, "normalization": None, "plan": None, "mode": None,
-                   "default_normalization": spec.normalization, "source": str(args.checkpoint)}
-
-
-def _normalization(args: argparse.Namespace, info: dict[str, Any]) -> Normalization:
-    if args.normalization:
-        return Normalization.get(args.normalization)
-    if info.get("normalization"):
-        return Normalization.get(info["normalization"])
-    return Normalization.get(info.get("default_normalization") or "cifar")
-
-
-def _check_classes(model: torch.nn.Module, data: ImageSet) -> None:
-    out = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if out and out[-1].out_features != data.num_classes:
-        raise HRankError(f"the model has {out[-1].out_features} outputs but {data.name} has {data.num_classes} "
-                         "classes")
+    if not args.model_file:
+        if not args.model:
+            raise HRankError("no model: give --model-file, or --model with --checkpoint")
+        if not args.checkpoint:
+            raise HRankError(f"--model {args.model} needs --checkpoint (to train from scratch use hrank train)")
+    return pipeline.load_model(args.model, checkpoint=args.checkpoint, model_file=args.model_file,
+                               num_classes=args.num_classes, normalization=args.normalization, dataset=args.dataset)
 
 
 def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.Recipe,
              normalization: Normalization, run_info: dict[str, Any], *, plan: Any = None,
              mode: str = "physical") -> int:
-    from hrank import train
-
     if recipe.layerwise and plan is None:
         raise HRankError("layer-wise fine-tuning prunes step by step and needs the unpruned model and a "
                          "plan: pass --plan (or use a one-shot recipe, e.g. --no-layerwise)")
-    dist, device = train.init_distributed(args.device)
+    dist, device = init_distributed(args.device)
     try:
         # every check first; only then is anything written (or, with --force, the old run deleted)
         out = _check_out(args)
         fresh = FreshOutput.of(out)  # None when --out holds something
-        train_all, test = _load_data(args)
-        _check_classes(model, train_all)
-        tr, va = train.split_train_val(train_all, args.val_size, args.seed)
         if args.train_subset is not None:
-            if not 0 < args.train_subset <= len(tr):
-                raise HRankError(f"--train-subset must be in 1..{len(tr)}, got {args.train_subset}")
-            pick = np.sort(np.random.default_rng(args.seed).permutation(len(tr))[: args.train_subset])
-            tr = tr.subset(pick, f"{tr.name}[{args.train_subset}]")
             run_info = {**run_info, "train_subset": args.train_subset}
-        model.to(device)
-        tb = train.make_train_batches(tr, recipe, normalization=normalization, device=device, seed=args.seed,
-                                      dist=dist)
-        vb = train.make_eval_batches(va, normalization=normalization, device=device) if va is not None else None
-        teb = train.make_eval_batches(test, normalization=normalization, device=device)
+        data = pipeline.load_data(args.dataset, _data_options(args, args.val_size))
+        if args.train_subset is not None and args.train_subset > len(data.train):
+            raise HRankError(f"--train-subset must be in 1..{len(data.train)}, got {args.train_subset}")
+        pipeline.check_classes(model, data.num_classes, data.test.name or args.dataset)
         run_info = {**run_info, "dataset": args.dataset, "seed": args.seed, "normalization": normalization.name}
-        kwargs = dict(out_dir=out, resume=args.resume, overwrite=args.force, test_batches=teb,
-                      select_on_test=args.select_on_test, run_info=run_info, stop_after_epoch=args.stop_after,
-                      progress=not args.no_progress)
         if args.force and fresh is None and dist.is_main:
             prepare_output(out, force=True, is_dir=True)
             fresh = FreshOutput.of(out)
         try:
-            if recipe.layerwise:
-                from hrank.layerwise import fit_layerwise
-
-                fit_layerwise(model, plan, tb, vb, recipe, mode=mode, **kwargs)
-            else:
-                train.fit(model, tb, vb, recipe, **kwargs)
+            pipeline.finetune(model, data, recipe, normalization=normalization, device=device, out_dir=out,
+                              seed=args.seed, plan=plan, mode=mode, resume=args.resume, overwrite=args.force,
+                              select_on_test=args.select_on_test, run_info=run_info, stop_after=args.stop_after,
+                              progress=not args.no_progress and dist.is_main)
         except HRankError:
             if fresh is not None and dist.is_main and not _holds_progress(out):  # nothing to resume: as it was
                 fresh.undo()
@@ -261,23 +220,24 @@ def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.R
 
 def run_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args, "scratch")
-    spec = models.get_spec(args.model)
     num_classes = args.num_classes or {"cifar10": 10, "cifar100": 100}.get(args.dataset)
+    if num_classes is None:  # image folders: one class per folder
+        num_classes = datasets.load(args.dataset, _data_options(args, 0)).num_classes
     torch.manual_seed(args.seed)  # the same initial weights on every process and on every rerun
     model = models.create(args.model, num_classes=num_classes)
-    norm = Normalization.get(args.normalization or spec.normalization)
+    norm = Normalization.get(args.normalization or pipeline.default_normalization(args.model, args.dataset))
     return _run_fit(args, model, recipe, norm, {"task": "train", "model": args.model})
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     recipe = _recipe(args, "fast")
-    model, info = load_model_source(args)
-    norm = _normalization(args, info)
+    loaded = load_model_source(args)
+    model = loaded.model
     plan = None
     if args.plan:
         from hrank.plan import Plan
 
-        if info.get("plan") is not None:
+        if loaded.plan is not None:
             raise HRankError(f"{args.model_file} is already pruned; --plan applies to an unpruned model")
         plan = Plan.load(args.plan)
         if not recipe.layerwise:
@@ -288,27 +248,20 @@ def run_finetune(args: argparse.Namespace) -> int:
     elif recipe.layerwise:
         raise HRankError(f"recipe {recipe.name!r} is layer-wise: it needs the unpruned model and --plan (a pruned "
                          "model file cannot be pruned step by step); or pass --no-layerwise")
-    return _run_fit(args, model, recipe, norm, {"task": "finetune"}, plan=plan, mode=args.mode)
+    return _run_fit(args, model, recipe, loaded.normalization, {"task": "finetune"}, plan=plan, mode=args.mode)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from hrank import train
-    from hrank.cli.common import resolve_device
-
     if args.json:  # before any work: an existing file is kept unless --force
         check_output(args.json, force=args.force, what="--json")
-    model, info = load_model_source(args)
-    norm = _normalization(args, info)
+    loaded = load_model_source(args)
+    model, norm = loaded.model, loaded.normalization
     device = resolve_device(args.device)
     if args.split in ("test", "train", "val"):
-        if args.split == "test":
-            data = load_cifar(args.data_dir, args.dataset, "test", download=not args.no_download)
-        else:
-            full = load_cifar(args.data_dir, args.dataset, "train", download=not args.no_download)
-            rest, val = train.split_train_val(full, args.val_size, args.seed)
-            data = val if args.split == "val" else rest
-            if data is None:
-                raise HRankError("--split val with --val-size 0 is empty")
+        data = pipeline.load_data(args.dataset, _data_options(args, 0 if args.split == "test" else args.val_size))
+        split = {"test": data.test, "train": data.train, "val": data.val}[args.split]
+        if split is None:
+            raise HRankError("--split val with --val-size 0 is empty")
         what = f"{args.dataset} {args.split}" + (f" (seed {args.seed})" if args.split != "test" else "")
     else:
         path = Path(args.split)
@@ -316,21 +269,19 @@ def run_eval(args: argparse.Namespace) -> int:
             raise HRankError(f"--split must be test, train, val or a CIFAR batch file; {args.split!r} is none")
         num_classes = {"cifar10": 10, "cifar100": 100}.get(args.dataset, 10)
         key = b"fine_labels" if args.dataset == "cifar100" else b"labels"
-        data = load_batch_files([path], num_classes, label_key=key, meta=_meta_file(args), name=path.name,
-                                names_key=b"fine_label_names" if args.dataset == "cifar100" else b"label_names")
+        split = load_batch_files([path], num_classes, label_key=key, meta=_meta_file(args), name=path.name,
+                                 names_key=b"fine_label_names" if args.dataset == "cifar100" else b"label_names")
         what = str(path)
-    _check_classes(model, data)
-    model.to(device)
-    batches = train.make_eval_batches(data, normalization=norm, device=device, batch_size=args.batch_size)
-    m = train.evaluate(model, batches)
+    pipeline.check_classes(model, split.num_classes, getattr(split, "name", "") or what)
+    m = pipeline.evaluate_split(model, split, normalization=norm, device=device, batch_size=args.batch_size)
     print(f"{what}: {m['count']} images, normalization {norm.name}")
     print(f"top-1 {m['top1']:.2f}%   top-5 {m['top5']:.2f}%   loss {m['loss']:.4f}")
-    rows = [[name, "-" if acc is None else f"{acc:.2f}"] for name, acc in zip(data.classes, m["per_class"],
+    rows = [[name, "-" if acc is None else f"{acc:.2f}"] for name, acc in zip(split.classes, m["per_class"],
                                                                               strict=True)]
     print(format_table(["class", "top-1 %"], rows, align="lr"))
     if args.json:
         atomic_write_json(args.json, {"split": what, "normalization": norm.to_json(),
-                                      "classes": data.classes, **m})
+                                      "classes": split.classes, **m})
     return 0
 
 
