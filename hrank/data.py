@@ -566,26 +566,3 @@ class Batches:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.data.labels[order[sl].to(self.device)]
-
-
-def imagenet_loader(root: str | os.PathLike, split: str, batch_size: int, *, train: bool,
-                    normalization: Normalization | str = "imagenet", workers: int = 8, seed: int = 0):
-    """ImageNet train/val folders through torchvision (``pip install hrank[vision]``)."""
-    try:
-        import torchvision.transforms as T
-        from torchvision.datasets import ImageFolder
-    except Exception:
-        raise HRankError("ImageNet needs torchvision: pip install 'hrank[vision]'") from None
-    folder = Path(root) / split
-    if not folder.is_dir():
-        raise HRankError(f"ImageNet folder not found: {folder} (expected {root}/train and {root}/val)")
-    norm = Normalization.get(normalization)
-    if train:
-        tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
-                        T.Normalize(norm.mean, norm.std)])
-    else:
-        tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(norm.mean, norm.std)])
-    ds = ImageFolder(str(folder), tf)
-    g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train, num_workers=workers,
-                                       pin_memory=True, drop_last=train, generator=g)
