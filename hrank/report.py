@@ -24,6 +24,7 @@ STAGE_COLUMNS = [  # (key, header, formatter); accuracies are percentages, as hr
     ("params", "params", lambda v: format_count(v)),
     ("val_top1", "val top-1", lambda v: f"{v:.2f}%"),
     ("test_top1", "test top-1", lambda v: f"{v:.2f}%"),
+    ("test_top5", "test top-5", lambda v: f"{v:.2f}%"),
     ("lossless_top1", "lossless-1k top-1", lambda v: f"{v:.2f}%"),
     ("latency_b1_ms", "latency b=1", lambda v: f"{v:.2f} ms"),
     ("latency_batch_ms", "latency batch", lambda v: f"{v:.1f} ms"),

@@ -534,9 +534,11 @@ class Run:
             facts["budget"] = (f"target {flops.format_count(b['target'])} {b['metric']}, achieved "
                                f"{flops.format_count(b['achieved'])} ({b['error']:.2%} off), widths in multiples "
                                f"of {b.get('round_to', 1)}")
-        test_key = "test_top1"
+        nan = float("nan")
         headline = (f"{c['model']}: {flops.format_count(base['macs'])} -> {flops.format_count(final['macs'])} MACs, "
-                    f"test top-1 {base.get(test_key, float('nan')):.2f}% -> {final.get(test_key, float('nan')):.2f}%")
+                    f"test top-1 {base.get('test_top1', nan):.2f}% -> {final.get('test_top1', nan):.2f}%")
+        if c["dataset"] not in ("cifar10", "cifar100"):  # top-5 is what ImageNet results are also quoted in
+            headline += f", top-5 {base.get('test_top5', nan):.2f}% -> {final.get('test_top5', nan):.2f}%"
         notes = []
         if ft.get("selected_on") == "test":
             notes.append("The best epoch was selected on the TEST set: the test accuracy is optimistically biased.")
