@@ -311,7 +311,7 @@ class Spec:
             raise HRankError("an HRank compress_rate string needs a registered model (its rate-entry order); "
                              "give rates by layer name instead (e.g. --rates 'layer1.*.conv1=0.5')")
         entries = models.rate_entries(model)
-        values = parse_rates(text)
+        values = parse_rates(text, max_entries=len(entries))
         if len(values) != len(entries):
             raise HRankError(f"compress_rate has {len(values)} entries but {arch} expects {len(entries)} "
                              f"(one per rate entry; see `hrank info --model {arch}` for the order)")
