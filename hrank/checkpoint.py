@@ -3,7 +3,8 @@
 A file written by :func:`save` is a ``torch.save`` of a plain dict: ``format``, ``hrank_record`` (a JSON
 string: architecture, num_classes, normalization, mode, the plan, user extras, hrank version) and
 ``state_dict``. :func:`load` reads it with ``weights_only=True`` (loading never runs code from the file),
-rebuilds the unpruned model from the registry (or a user ``builder``), replays the plan and loads the
+rebuilds the unpruned model from its recorded reference (a registry name, ``torchvision:NAME``, ``timm:NAME`` or
+``module:factory``; see :func:`hrank.models.create`) or a user ``builder``, replays the plan and loads the
 weights strictly, so the round trip gives bit-identical outputs. Training checkpoints embed :func:`model_record`
 (metadata; ``weights=True`` adds the state_dict) and rebuild with :func:`build_from_record`.
 
@@ -44,8 +45,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _num_classes(model: nn.Module) -> int | None:
+    """The last Linear's width (today's rule, robust to a replaced head), else what ``models.create`` was
+    given (models whose classifier is a conv, such as SqueezeNet)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
+    if linears:
+        return linears[-1].out_features
+    n = getattr(model, "hrank_num_classes", None)
+    return n if isinstance(n, int) else None
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -100,8 +106,9 @@ def model_record(model: nn.Module, *, plan: Any = None, arch: str | None = None,
     plan, extra); with ``weights`` also a CPU copy of its state_dict under ``"state_dict"``. No modules, no
     code; ``torch.load(weights_only=True)`` reads a checkpoint embedding it.
 
-    Defaults come from the model: ``model.hrank_plan``, ``model.hrank_mode``, ``model.hrank_arch`` and the
-    width of its last Linear layer. ``extra`` must be JSON-serialisable (it is stored as JSON). The module
+    Defaults come from the model: ``model.hrank_plan``, ``model.hrank_mode``, ``model.hrank_arch`` (the reference
+    :func:`hrank.models.create` built it from) and the width of its last Linear layer (else
+    ``model.hrank_num_classes``). ``extra`` must be JSON-serialisable (it is stored as JSON). The module
     versions of the state_dict (:func:`state_metadata`) are recorded as ``state_metadata``, so that weights
     stored next to the record load the way they were saved.
     """
@@ -130,8 +137,10 @@ def model_record(model: nn.Module, *, plan: Any = None, arch: str | None = None,
 def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module] | None = None) -> nn.Module:
     """Rebuild the (pruned) model a record describes; load its weights strictly when it holds them.
 
-    The unpruned model comes from the registry (``record["arch"]``) or from ``builder()`` (a zero-argument
-    callable, e.g. ``functools.partial(MyNet, num_classes=10)``) for models outside it; then the plan is
+    The unpruned model comes from ``builder()`` when given (a zero-argument callable, e.g.
+    ``functools.partial(MyNet, num_classes=10)``), else from the recorded reference ``record["arch"]`` (a registry
+    name, ``torchvision:NAME``, ``timm:NAME`` or ``module:factory``, rebuilt by :func:`hrank.models.create`
+    with the recorded num_classes; a reference that no longer resolves is a one-line error); then the plan is
     replayed in the recorded mode and ``record["state_dict"]`` (if any) is loaded with the recorded module
     versions (``record["state_metadata"]``; records without it load as before).
     """
@@ -149,7 +158,12 @@ def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module
         if record.get("arch") and getattr(model, "hrank_arch", record["arch"]) != record["arch"]:
             raise HRankError(f"the file holds {record['arch']}, the builder made {model.hrank_arch}")
     elif record.get("arch"):
-        model = models.create(record["arch"], num_classes=record.get("num_classes"))
+        try:
+            model = models.create(record["arch"], num_classes=record.get("num_classes"))
+        except HRankError as e:
+            why = str(e).removeprefix(f"model {record['arch']!r}: ")
+            raise HRankError(f"cannot rebuild the saved model {record['arch']!r}: {why} (or pass builder=, a callable "
+                             f"returning the unpruned model)") from None
     else:
         raise HRankError("this model is not from the hrank registry; pass builder= (a callable returning the "
                          "unpruned model)")
@@ -190,12 +204,13 @@ def read_record(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
 def load_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Load an *unpruned* model's weights from any checkpoint hrank reads; return what it says about them.
 
+    This is how external models (``torchvision:NAME``, ``timm:NAME``, ``module:factory``) get trained weights:
+    hrank never downloads them.
+
     Accepts a plain state_dict checkpoint (see :func:`hrank.models.load_checkpoint`), a file written by
     :func:`save`, or a training checkpoint (``last.pt``/``best.pt``). A pruned model is refused: pruning
     starts from the unpruned network. Returns ``{"normalization": dict or None}``.
     """
-    from hrank import models
-
     obj = load_torch_file(path, "checkpoint")
     record: dict | None = None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:  # written by hrank.save
@@ -217,7 +232,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike, *, builder: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by :func:`save` (registry or ``builder``), replay its plan, load weights strictly.
+    """Rebuild a model saved by :func:`save` (its recorded reference or ``builder``), replay its plan, load
+    weights strictly.
 
     Returns ``(model, meta)``; the model is on the CPU in eval mode. ``meta`` holds arch, num_classes,
     normalization, plan (a :class:`hrank.plan.Plan` or None), mode, extra and hrank_version.

@@ -35,8 +35,7 @@ from hrank.models.base import ChannelPadShortcut
 from hrank.plan import Plan, PlanGroup, build_dependency_graph, find_groups
 from hrank.spec import Spec
 
-__all__ = ["apply_plan", "enforce_masks", "recalibrate_bn", "hrank_rule_counts", "layer_widths", "save", "load",
-           "model_record", "build_from_record", "MODES"]
+__all__ = ["apply_plan", "enforce_masks", "recalibrate_bn", "hrank_rule_counts", "layer_widths", "MODES"]
 
 MODES = ("physical", "mask")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -604,7 +603,3 @@ def layer_widths(plan: Plan) -> list[dict]:
         for m in g.members:
             rows.append({"layer": m, "channels": g.channels, "kept": g.width, "rate": g.rate, "group": g.members[0]})
     return rows
-
-
-# Save/load live in hrank/checkpoint.py; re-exported here as part of this module's contract.
-from hrank.checkpoint import build_from_record, load, model_record, save  # noqa: E402

@@ -13,9 +13,10 @@ from torch import nn
 
 import hrank
 from hrank import flops, models
+from hrank.checkpoint import build_from_record, load, model_record, save
 from hrank.errors import HRankError
 from hrank.plan import Plan, find_groups, make_plan
-from hrank.prune import apply_plan, build_from_record, enforce_masks, load, model_record, recalibrate_bn, save
+from hrank.prune import apply_plan, enforce_masks, recalibrate_bn
 
 # --------------------------------------------------------------------------------------------------------
 # Models outside the registry

@@ -430,8 +430,10 @@ def test_layerwise_resumes_at_step_granularity_and_modes_agree(tmp_path: Path, c
 @pytest.mark.filterwarnings("ignore:cifar10-")
 def test_cli_finetune_pruned_model_file(tmp_path: Path, tiny_cifar: Path, capsys):
     base, plan = _resnet20_plan({"layer1.0.conv1": 0.5, "layer3.*.conv2": 0.25})
+    from hrank.checkpoint import save
+
     pruned = prune.apply_plan(base, plan, mode="physical")
-    prune.save(pruned, tmp_path / "pruned.pt", normalization="imagenet")
+    save(pruned, tmp_path / "pruned.pt", normalization="imagenet")
     out = tmp_path / "ft"
     assert main(["finetune", "--model-file", str(tmp_path / "pruned.pt"), "--out", str(out), "--epochs", "1",
                  "--batch-size", "16", "--val-size", "16", *_cli_common(tiny_cifar)]) == 0

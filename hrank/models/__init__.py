@@ -1,7 +1,12 @@
-"""Model registry: the six HRank architectures (plus CIFAR ResNet-20/32/44), their facts, checkpoint loading."""
+"""Model registry: the six HRank architectures (plus CIFAR ResNet-20/32/44), their facts, checkpoint loading.
+
+Everywhere a registry name is accepted, so is a reference to a model from elsewhere (:mod:`hrank.models.external`):
+``torchvision:NAME``, ``timm:NAME``, ``package.module:factory`` or ``path/to/file.py:factory``.
+"""
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any
 
@@ -10,7 +15,7 @@ from torch import nn
 
 from hrank.errors import HRankError
 from hrank.io import load_torch_file
-from hrank.models import densenet, googlenet, resnet_cifar, resnet_imagenet, vgg
+from hrank.models import densenet, external, googlenet, resnet_cifar, resnet_imagenet, vgg
 from hrank.models.base import ArchSpec, ChannelPadShortcut, RankPoint
 
 __all__ = [
@@ -19,6 +24,7 @@ __all__ = [
     "RankPoint",
     "create",
     "names",
+    "is_registry",
     "get_spec",
     "rate_entries",
     "prunable_convs",
@@ -59,21 +65,43 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_spec(name: str) -> ArchSpec:
-    """The registry entry for ``name``; a one-line error listing the known names otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise HRankError(f"unknown model {name!r}; known models: {', '.join(names())}") from None
+def is_registry(ref: str) -> bool:
+    """True when ``ref`` is a registered architecture name (not a ``torchvision:``/``timm:``/``module:factory``
+    reference): only those have HRank's hand-written rate entries and rank points."""
+    return isinstance(ref, str) and ref in _REGISTRY
 
 
-def create(name: str, num_classes: int | None = None) -> nn.Module:
-    """Build a registered architecture with freshly initialised weights."""
-    spec = get_spec(name)
-    if num_classes is not None and num_classes < 1:
-        raise HRankError(f"num_classes must be >= 1, got {num_classes}")
-    model = spec.builder(num_classes=num_classes or spec.num_classes)
-    model.hrank_arch = name  # lets later steps find the registry entry again
+def get_spec(ref: str) -> ArchSpec:
+    """The facts hrank uses about ``ref``: the registry entry for a name, generic defaults for an external
+    reference (see :func:`hrank.models.external.spec`); a one-line error for anything else."""
+    if not isinstance(ref, str):
+        raise HRankError(f"a model reference is a string, got {type(ref).__name__}")
+    if ref in _REGISTRY:
+        return _REGISTRY[ref]
+    if external.is_external(ref):
+        return external.spec(ref)
+    raise HRankError(f"unknown model {ref!r}; known models: {', '.join(names())} (or torchvision:NAME, timm:NAME, "
+                     f"package.module:factory)")
+
+
+def create(ref: str, num_classes: int | None = None) -> nn.Module:
+    """Build the model ``ref`` names (registry name or external reference) with fresh weights.
+
+    The model carries ``hrank_arch = ref`` and ``hrank_num_classes`` so that saved files record what rebuilds it.
+    External weights are never downloaded; load them with :func:`load_checkpoint`.
+    """
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise HRankError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        num_classes = int(num_classes)
+    if isinstance(ref, str) and external.is_external(ref):
+        model = external.build(ref, num_classes)
+    else:
+        spec = get_spec(ref)
+        num_classes = num_classes or spec.num_classes
+        model = spec.builder(num_classes=num_classes)
+    model.hrank_arch = ref  # lets later steps find the spec again, and saved files rebuild the model
+    model.hrank_num_classes = num_classes
     return model
 
 
