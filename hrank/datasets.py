@@ -171,3 +171,12 @@ def _imagefolder() -> DatasetSpec:
 
 
 register(_imagefolder())
+
+
+def _alias(name: str, spec: DatasetSpec) -> DatasetSpec:
+    """The same dataset under another name (``imagenet``: the ImageNet folders are an image folder)."""
+    return DatasetSpec(name, f"{spec.description} (alias of {spec.name})", spec.check, spec.load,
+                       spec.normalization, spec.input_size, spec.default_val_size)
+
+
+register(_alias("imagenet", get("imagefolder")))
