@@ -1,8 +1,9 @@
-"""Smoke test of the latency benchmark script: it runs end to end and prints one row per model and layout."""
+"""Smoke tests of the benchmark scripts: latency (one row per model and layout) and rank speed (agreement)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,23 @@ def test_latency_benchmark_prints_every_model_and_layout(capsys):
         reduction = float(r[5].rstrip("x"))
         assert (1.9 <= reduction <= 2.1) if r[3] == "physical" else reduction == 1.0
         assert float(r[6]) > 0  # a measured median, in ms
+
+
+RANK_SPEED = Path(__file__).resolve().parents[1] / "bench" / "rank_speed.py"
+
+
+def test_rank_speed_benchmark_agrees_with_the_official_method(tmp_path, capsys):
+    """bench/rank_speed.py on a tiny random ResNet-20: both methods run, the ranks and kept sets agree."""
+    spec = importlib.util.spec_from_file_location("bench_rank_speed", RANK_SPEED)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out_json = tmp_path / "r.json"
+    assert bench.main(["--model", "resnet_20", "--checkpoint", "none", "--random-images", "--images", "2",
+                       "--batch-size", "2", "--official-images", "1", "--skip-floor", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "random weights" in out and "first 1 of the 2 images" in out
+    r = json.loads(out_json.read_text())
+    assert r["official_passes"] == 19 and r["official_images"] == 1
+    assert r["identical_fraction"] == 1.0 and r["max_mean_diff"] == 0.0
+    assert r["kept_identical"] + r["kept_tie_equivalent"] == r["kept_convs"] == 19 and not r["kept_differ"]
+    assert r["speedup"] > 0 and r["hrank_s"] > 0 and r["forward_s"] > 0
