@@ -67,16 +67,18 @@ if [[ $DEVICE == cuda ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.c
     say "WARNING: torch.cuda.is_available() is False: the CUDA steps below will fail (set DEVICE=cpu to run on CPU)"
 fi
 
-SHARED=""
-for d in shared ../shared; do [[ -d $d/data/cifar10/cifar-10-batches-py ]] && { SHARED=$d; break; }; done
+# real data: ../shared/data (or ./shared/data) here; on a device machine a reduced copy carried as .devdata/
+# (cifar10/cifar-10-batches-py + weights/), since ../shared does not travel with the working tree
+DATA=""
+for d in shared/data ../shared/data .devdata; do [[ -d $d/cifar10/cifar-10-batches-py ]] && { DATA=$d; break; }; done
 DATA_ARGS=(--random-images)
-if [[ -n $SHARED ]]; then
-    DATA_ARGS=(--data-dir "$SHARED/data/cifar10")
-    export HRANK_CIFAR10="$SHARED/data/cifar10"
-    [[ -d $SHARED/data/weights ]] && export HRANK_WEIGHTS="$SHARED/data/weights"
-    say "real data: $SHARED/data/cifar10"
+if [[ -n $DATA ]]; then
+    DATA_ARGS=(--data-dir "$DATA/cifar10")
+    export HRANK_CIFAR10="$DATA/cifar10"
+    [[ -d $DATA/weights ]] && export HRANK_WEIGHTS="$DATA/weights"
+    say "real data: $DATA/cifar10"
 else
-    say "no shared/data found at ./shared or ../shared: rank benchmarks on random images (and random weights)"
+    say "no data found at ./shared/data, ../shared/data or .devdata: rank benchmarks on random images (and random weights)"
 fi
 
 # --- sizes -------------------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ else
     TESTS=(tests/test_ranks.py tests/test_train.py)
 fi
 LAT_DEV=(--devices "$DEVICE")
-[[ -n $SHARED && -f $SHARED/data/weights/resnet56-4bfd9763.th ]] && LAT+=(--checkpoint "$SHARED/data/weights/resnet56-4bfd9763.th")
+[[ -n $DATA && -f $DATA/weights/resnet56-4bfd9763.th ]] && LAT+=(--checkpoint "$DATA/weights/resnet56-4bfd9763.th")
 
 # --- 1. rank speed: ResNet-50 at 224, then ResNet-56 CIFAR ----------------------------------------------
 step rank_speed_resnet50_224 150 "$PY" -u bench/rank_speed.py --device "$DEVICE" "${R50[@]}" "${DATA_ARGS[@]}" \
@@ -108,4 +110,18 @@ step pytest_ranks_train 150 "$PY" -m pytest -q -x -p no:cacheprovider "${TESTS[@
 step train_speed 90 "$PY" -u bench/train_speed.py --device "$DEVICE" "${TRAIN[@]}"
 step latency 60 "$PY" -u bench/latency.py "${LAT_DEV[@]}" "${LAT[@]}"
 
+# --- 4. the whole pipeline on the device (hrank run quick: ranks, budget, prune, bf16 fine-tune, export) ----
+if [[ -n $DATA && -f $DATA/weights/resnet56-4bfd9763.th ]]; then
+    RUN=(--val-size 1000 --train-subset 5000 --test-subset 2000)
+    [[ $QUICK == 1 ]] && RUN=(--val-size 200 --train-subset 512 --test-subset 200 --rank-images 32 --finetune epochs=1)
+    rm -rf "$OUT/run_quick_dir"
+    step run_quick 120 "$PY" -m hrank run quick --data-dir "$DATA/cifar10" --no-download --normalization imagenet \
+        --checkpoint "$DATA/weights/resnet56-4bfd9763.th" --device "$DEVICE" --no-progress "${RUN[@]}" \
+        --out "$OUT/run_quick_dir"
+    cp "$OUT/run_quick_dir/report.md" "$OUT/run_quick_report.md" 2>/dev/null
+    rm -rf "$OUT/run_quick_dir"
+fi
+
 say "total $(( $(date +%s) - START )) s; outputs in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+# a device machine returns at most 8 files: everything also goes back as one archive
+tar czf /tmp/device_check.tgz -C "$OUT" . 2>/dev/null && mv /tmp/device_check.tgz "$OUT/" || true
