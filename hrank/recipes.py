@@ -67,8 +67,10 @@ class Recipe:
     amp: str = _f("autocast precision: auto (bf16 on CUDA when supported, else off), bf16, fp16 (with a "
                   "gradient scaler), off", AMP_MODES, default="auto")
     channels_last: str = _f("NHWC memory format: auto (on CUDA only), on, off", TRISTATE, default="auto")
-    sync_bn: bool = _f("under DDP, convert BatchNorm to SyncBatchNorm (CUDA only) so batch statistics span "
-                       "the global batch", default=False)
+    sync_bn: str = _f("under DDP, BatchNorm batch statistics over the global batch instead of each process's "
+                      "share (any device; see hrank.syncbn): auto (on when the model has BatchNorm and the "
+                      "per-process batch is below 64 images: docs/benchmarks.md), on, off; true/false mean on/off",
+                      TRISTATE, default="auto")
 
     @property
     def effective_lr(self) -> float:
@@ -169,7 +171,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         return value
     if kind in ("str", str):
         if not isinstance(value, str):
-            if key in ("channels_last",) and isinstance(value, bool):  # YAML reads on/off as booleans
+            if key in ("channels_last", "sync_bn") and isinstance(value, bool):  # YAML reads on/off as booleans
+                # (and sync_bn was a boolean before it had auto: old configs and checkpoints say true/false)
                 return "on" if value else "off"
             raise bad("a string")
         return value

@@ -403,10 +403,15 @@ class _Trainer:
         self.channels_last = _use_channels_last(recipe, device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        if dist.enabled and recipe.sync_bn:
-            if device.type != "cuda":
-                raise HRankError("sync_bn needs CUDA (SyncBatchNorm does not run on CPU)")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from hrank.syncbn import convert_sync_bn, has_batchnorm, use_sync_bn
+
+        per_process = recipe.batch_size // max(dist.world_size, 1)
+        self.sync_bn = use_sync_bn(recipe.sync_bn, model, per_process, dist.world_size)
+        if self.sync_bn:  # BatchNorm statistics over the global batch, as one process computes them
+            model = convert_sync_bn(model, device)
+        if dist.enabled and dist.is_main:
+            print(f"SyncBN {'on' if self.sync_bn else 'off'} (sync_bn: {recipe.sync_bn}, {per_process} images per "
+                  f"process{', no BatchNorm' if not has_batchnorm(model) else ''})")
         self.model = model
         # DDP wraps the already pruned model; the optimizer is built after, on the final parameters
         self.net = nn.parallel.DistributedDataParallel(
