@@ -305,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if device.type == "cuda":
+        # Every side in full float32: hrank ranks without TF32 (docs/ranks.md), and the official code ran on
+        # V100s, which have no TF32; with TF32 convolutions the maps themselves differ, and so do their ranks.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     load_before = os.getloadavg()
     torch.manual_seed(args.seed)
     spec = models.get_spec(args.model)

@@ -14,6 +14,7 @@ measured after the activation (``docs/ranks.md``; ``../shared/docs/hrank-referen
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -47,6 +48,7 @@ METHODS = ("gram", "svd")
 _EPS32 = float(torch.finfo(torch.float32).eps)
 # Elements (maps x H x W) per chunk: bounds the extra memory of the rank computation (docs/ranks.md).
 _CHUNK_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 23}
+_CUDA_BATCHED_EIGH_MAX = 32  # the largest matrix size cuSOLVER's syevjBatched handles
 _AUGMENT_PADDING = 4  # HRank: RandomCrop(32, padding=4) + RandomHorizontalFlip
 
 
@@ -97,7 +99,13 @@ def _gram_ranks(a: torch.Tensor) -> torch.Tensor:
     redo = ((info != 0) & (lines > 0)).nonzero().squeeze(1)
     if redo.numel():
         try:
-            ev = torch.linalg.eigvalsh(gram[redo])
+            sub = gram[redo]
+            if sub.is_cuda and sub.shape[-1] > _CUDA_BATCHED_EIGH_MAX:
+                # cuSOLVER's batched eigensolver stops at 32x32; above it torch solves one matrix per launch,
+                # which made 56x56 maps ~1000x slower than the forward pass. LAPACK on the host is faster.
+                ev = torch.linalg.eigvalsh(sub.cpu()).to(sub.device)
+            else:
+                ev = torch.linalg.eigvalsh(sub)
             ranks[redo] = (ev > ev[:, -1:] * f2).sum(1)
         except torch.linalg.LinAlgError:  # no convergence (pathological input): use the reference itself
             ranks[redo] = torch.linalg.matrix_rank(a[redo])
@@ -969,7 +977,7 @@ def compute_ranks(model: nn.Module, data: ImageSet | torch.Tensor | Iterable, *,
         if progress and rank == 0:
             from tqdm.auto import tqdm
             bar = tqdm(total=total, desc="ranking", unit="batch")
-        with torch.no_grad():
+        with torch.no_grad(), _full_float32(dev):
             for x in batches:
                 if hooks is None:
                     _check_input(model, x.shape)
@@ -1022,6 +1030,22 @@ def compute_ranks(model: nn.Module, data: ImageSet | torch.Tensor | Iterable, *,
     return Ranks({c: scores[c] for c in order}, int(total_count), {c: spatial[c] for c in order},
                  {c: resolved[c] for c in order}, model_fingerprint(model), arch if arch in models.names() else None,
                  meta)
+
+
+@contextlib.contextmanager
+def _full_float32(device: torch.device) -> Iterator[None]:
+    """No TF32 while ranking on CUDA: TF32 convolutions round the feature maps to 10 mantissa bits, noise that
+    lifts singular values a float32 map does not have above the rank threshold (the ranks of a map computed in
+    float32 are what is scored, on every device). The flags are restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _agree(failed: bool, device: torch.device) -> None:

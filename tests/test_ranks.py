@@ -567,7 +567,8 @@ def test_cli_rank_end_to_end(tiny_cifar, tmp_path, capsys):
     torch.save({"state_dict": make_model().state_dict()}, ckpt)
     out = tmp_path / "ranks.npz"
     args = ["rank", "--model", "resnet_20", "--checkpoint", str(ckpt), "--dataset", "cifar10", "--data-dir",
-            str(tiny_cifar), "--no-download", "--num-images", "16", "--batch-size", "8", "--out", str(out)]
+            str(tiny_cifar), "--no-download", "--num-images", "16", "--batch-size", "8", "--device", "cpu",
+            "--out", str(out)]  # on the device the direct computation below runs on: the same float32 maps
     assert cli_main(args) == 0
     text = capsys.readouterr().out
     assert "layer3.2.conv2" in text and "rank 0" in text and str(out) in text
@@ -604,3 +605,18 @@ def test_warnings_do_not_leak_from_registry_models():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compute_ranks(make_model(), images(4), num_images=4, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_ranks_match_cpu_ranks_and_tf32_is_restored(tiny_cifar):
+    """On CUDA the maps are computed in full float32 (no TF32), so the scores are the CPU's up to the rare map
+    whose rank flips under a different summation order."""
+    torch.backends.cudnn.allow_tf32 = True
+    data = load_cifar(tiny_cifar, download=False)
+    cpu = compute_ranks(make_model(), data, num_images=32, batch_size=16, progress=False, device="cpu")
+    gpu = compute_ranks(make_model(), data, num_images=32, batch_size=16, progress=False, device="cuda")
+    assert torch.backends.cudnn.allow_tf32  # restored
+    flat_cpu = np.concatenate([cpu.scores[c] for c in cpu.scores])
+    flat_gpu = np.concatenate([gpu.scores[c] for c in cpu.scores])
+    assert np.abs(flat_cpu - flat_gpu).max() <= 1 / 32 + 1e-12  # at most one map of one image differs by 1
+    assert (flat_cpu == flat_gpu).mean() >= 0.99
