@@ -7,7 +7,7 @@
     out_dir/best.pt         the model with the best selection metric so far (validation top-1)
     out_dir/metrics.jsonl   one JSON line per epoch
     out_dir/summary.json    the final summary (best epoch, validation and test metrics, time)
-    out_dir/model.pt        the selected model, saved with ``hrank.prune.save`` (loadable by ``hrank eval``)
+    out_dir/model.pt        the selected model, saved with ``hrank.checkpoint.save`` (loadable by ``hrank eval``)
 
 Why each piece is there:
 
@@ -239,7 +239,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def model_state(model: nn.Module, normalization: Normalization | None = None) -> dict[str, Any]:
-    """``{"record": hrank.prune.model_record(...), "state_dict": ...}``: what rebuilds a (pruned) model."""
+    """``{"record": hrank.checkpoint.model_record(...), "state_dict": ...}``: what rebuilds a (pruned) model."""
     model = _unwrap(model)
     return {"record": model_record(model, normalization=normalization), "state_dict": model.state_dict()}
 
@@ -762,13 +762,13 @@ def summary_text(result: FitResult, val_batches: Batches | None = None, test_bat
 
 def save_model(model: nn.Module, path: str | os.PathLike, *, normalization: Normalization | None = None,
                extra: dict[str, Any] | None = None) -> Path:
-    """Save the trained model with ``hrank.prune.save`` (weights + plan + metadata, no pickled code)."""
+    """Save the trained model with ``hrank.checkpoint.save`` (weights + plan + metadata, no pickled code)."""
     return save(_unwrap(model), path, normalization=normalization, extra=extra)
 
 
 def load_model_file(path: str | os.PathLike, *, builder: Callable[[], nn.Module] | None = None
                     ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a file hrank wrote: ``hrank.prune.save`` output (a run's model.pt, a pruned
+    """Rebuild a model from a file hrank wrote: ``hrank.checkpoint.save`` output (a run's model.pt, a pruned
     model) or a training checkpoint (best.pt/last.pt).
 
     Returns the model (registry architecture, or ``builder()`` for others, with its plan replayed and the
