@@ -107,8 +107,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = config.resolve(values, _overrides(args))
     name = Path(args.config).stem if args.config else cfg["model"]
     out = Path(args.out) if args.out else Path("runs") / name
-    run_pipeline(cfg, out, force=args.force, progress=not args.no_progress and os.environ.get("HRANK_NO_PROGRESS")
-                 is None)
+    try:
+        run_pipeline(cfg, out, force=args.force, progress=not args.no_progress and os.environ.get("HRANK_NO_PROGRESS")
+                     is None)
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():  # joined under torchrun by the pipeline
+            tdist.destroy_process_group()
     return 0
 
 
