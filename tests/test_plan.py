@@ -52,6 +52,50 @@ def test_select_kept_is_hrank_rule_with_stable_ties():
     assert select_kept(np.array([1.0, 2.0]), 0) == [0, 1]
 
 
+def _lower_index_first(scores, n_pruned: int) -> list[int]:
+    """The documented rule written plainly: order by (score, index), drop the first n_pruned, keep the rest."""
+    order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
+    return sorted(order[n_pruned:])
+
+
+def test_boundary_ties_prune_the_lower_index_first():
+    """Many equal scores straddling the cut (arrays long enough that an unstable sort reorders them)."""
+    rng = np.random.default_rng(0)
+    for c in (17, 64, 100, 256, 512):
+        for trial in range(4):
+            scores = rng.integers(0, 3 + trial, size=c).astype(np.float64)  # few distinct values: ties everywhere
+            for n in range(c):
+                kept = select_kept(scores, n)
+                assert kept == _lower_index_first(scores, n), (c, trial, n)
+                assert kept == sorted(int(i) for i in np.argsort(scores, kind="stable")[n:])
+    # through make_plan: a plan on the same scores keeps exactly the same set
+    model = models.create("resnet_20")
+    scores = {c: np.repeat([1.0, 0.0], model.get_submodule(c).out_channels // 2) for c in models.prunable_convs(model)}
+    plan = make_plan(model, scores, "[0.3]*19", coupling="independent")
+    for conv, s in scores.items():
+        # every conv: the first half scores 1, the second 0; int(0.3 * C) zeros go, the lowest indices first
+        assert plan.layers[conv] == _lower_index_first(s, int(0.3 * len(s))), conv
+    assert plan.layers["layer3.0.conv1"] == list(range(32)) + list(range(32 + 19, 64))
+
+
+@pytest.mark.parametrize("arch", ["vgg_16_bn", "resnet_56", "resnet_110", "densenet_40", "googlenet", "resnet_50"])
+def test_official_boundary_ties_resolved_lower_index_first(arch, selection, reference_dir):
+    """On HRank's own rank files (ties at the cut on many convs) every kept set is exactly the stable one."""
+    model = models.create(arch)
+    ties = 0
+    for s in selection[arch]["strings"].values():
+        scores = official_scores(reference_dir, arch, s["convs"])
+        plan = make_plan(model, scores, s["compress_rate_string"], coupling="independent").layers
+        for conv in s["convs"]:
+            rank = scores[conv["module"]]
+            n = int(conv["rate"] * conv["C"])
+            expected = _lower_index_first(rank, n)
+            assert expected == sorted(int(i) for i in np.argsort(rank, kind="stable")[n:])
+            assert plan[conv["module"]] == expected, conv["module"]
+            ties += conv["boundary_tie"]
+    assert ties == sum(s["num_boundary_ties"] for s in selection[arch]["strings"].values())
+
+
 def test_resnet56_groups_are_three_streams_and_lone_conv1s():
     groups = find_groups(models.create("resnet_56"))
     multi = [g for g in groups if len(g.members) > 1]

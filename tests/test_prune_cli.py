@@ -14,6 +14,7 @@ import hrank
 from hrank import models
 from hrank.cli import main
 from hrank.ranks import Ranks, model_fingerprint
+from tests.helpers import hand_macs
 
 R56 = "[0.1]+[0.60]*35+[0.0]*2+[0.6]*6+[0.4]*3+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]+[0.1]+[0.4]"
 
@@ -43,7 +44,12 @@ def test_prune_cli_physical_with_data(tmp_path, r20, tiny_cifar, capsys):
                  str(tiny_cifar), "--no-download", "--calib-images", "40", "--batch-size", "16", "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
-    assert "layer3.2.conv1" in text and "before: 40.55M MACs" in text and "[real network]" in text
+    # resnet_20 by hand: stem 3*16*9*32*32, six 16->16 convs at 32x32, then per stage one strided conv
+    # (cin -> 2 cin at half size) and five 2cin -> 2cin convs, and the 64 -> 10 linear
+    dense = (9 * 3 * 16 * 32 * 32 + 6 * 9 * 16 * 16 * 32 * 32 + 9 * 16 * 32 * 16 * 16 + 5 * 9 * 32 * 32 * 16 * 16
+             + 9 * 32 * 64 * 8 * 8 + 5 * 9 * 64 * 64 * 8 * 8 + 64 * 10)
+    assert dense == hand_macs(models.create("resnet_20")) == 40_551_040
+    assert "layer3.2.conv1" in text and f"before: {dense / 1e6:.2f}M MACs" in text and "[real network]" in text
     assert "accuracy: dense" in text and "after BN recalibration on 40 images" in text
     assert sorted(p.name for p in out.iterdir()) == ["model.pt", "plan.json", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
@@ -68,7 +74,14 @@ def test_prune_cli_official_ranks_and_hrank_rule(tmp_path, reference_dir, capsys
     assert code == 0
     text = capsys.readouterr().out
     assert "HRank's counting rule (output channels only): 62.72M MACs, 0.49M params" in text
-    assert "after:  33.30M MACs" in text  # the real, physically pruned network (mean width rule)
+    # the real, physically pruned network (mean width rule), its MACs counted here from the layer shapes
+    pruned, _ = hrank.load(out / "model.pt")
+    macs = hand_macs(pruned)
+    assert f"after:  {macs / 1e6:.2f}M MACs" in text
+    # stream widths 16-8, 32-17, 64-29 (test_plan's mean rule) and the inner convs' int(rate * C): the same count
+    widths = {name: m.out_channels for name, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+    assert (widths["conv1"], widths["layer2.0.conv2"], widths["layer3.0.conv2"]) == (8, 15, 35)
+    assert json.loads((out / "summary.json").read_text())["after"]["macs"] == macs
 
 
 def test_prune_cli_mask_independent_and_plan_reuse(tmp_path, r20, capsys):

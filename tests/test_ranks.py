@@ -255,6 +255,49 @@ def test_matrix_ranks_tolerance_is_matrix_ranks():
     assert matrix_ranks(maps).tolist() == [8, 8, 16, 16, 16]
 
 
+def _maps_with_singular_values(h: int, w: int, small: list[float], seed: int) -> torch.Tensor:
+    """float32 maps U diag(s) V^T with s = (1, ..., 1, t, ..., t): the top half 1, the bottom half t for each t."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(h, w)
+    u, _ = torch.linalg.qr(torch.randn(h, k, dtype=torch.float64, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(w, k, dtype=torch.float64, generator=g))
+    maps = []
+    for t in small:
+        s = torch.ones(k, dtype=torch.float64)
+        s[k // 2:] = t
+        maps.append((u * s) @ v.T)
+    return torch.stack(maps).float()
+
+
+@pytest.mark.parametrize("shape", [(4, 32), (32, 4), (7, 56), (56, 7), (5, 40), (12, 20), (20, 12), (3, 9)])
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_matrix_ranks_tolerance_on_non_square_maps(shape, method):
+    """The threshold is sigma_max * max(H, W) * eps32 (matrix_rank's), not min(H, W): on non-square maps
+    singular values between the two thresholds tell them apart."""
+    h, w = shape
+    k, eps = min(h, w), torch.finfo(torch.float32).eps
+    factors = (0.25, 0.5, 0.75, 2.0, 4.0, 30.0)  # times max(H, W) * eps: below, below, below, above, ...
+    maps = _maps_with_singular_values(h, w, [max(h, w) * eps * f for f in factors], seed=h * 100 + w)
+    got = matrix_ranks(maps, method=method)
+    assert torch.equal(got, torch.linalg.matrix_rank(maps))
+    assert torch.equal(got, torch.stack([torch.linalg.matrix_rank(m) for m in maps]))
+    assert got.tolist() == [k // 2 if f < 1 else k for f in factors]
+
+
+def test_matrix_ranks_tolerance_uses_the_long_side():
+    """A 4x32 map with singular values (1, 1, 16 eps, 16 eps): rank 2 (threshold 32 eps), where a min(H, W)
+    threshold (4 eps) would count all 4."""
+    eps = torch.finfo(torch.float32).eps
+    for h, w in ((4, 32), (32, 4)):
+        m = _maps_with_singular_values(h, w, [16 * eps], seed=7)
+        sv = torch.linalg.svdvals(m.double())[0]
+        assert int((sv > sv[0] * min(h, w) * eps).sum()) == 4  # what a min(H, W) threshold would give
+        assert int(torch.linalg.matrix_rank(m)[0]) == 2
+        for method in ("gram", "svd"):
+            assert matrix_ranks(m, method=method).tolist() == [2]
+            assert matrix_ranks(m[0], method=method).item() == 2
+
+
 def test_matrix_ranks_bad_input():
     with pytest.raises(HRankError):
         matrix_ranks(torch.zeros(5))
@@ -363,10 +406,12 @@ def test_compute_ranks_equals_the_definition():
     for conv, s in expected.items():
         assert got.scores[conv].dtype == np.float64
         np.testing.assert_array_equal(got.scores[conv], s)
-    fast = compute_ranks(model, data, num_images=20, batch_size=8, progress=False)
-    counts = {c: np.rint(s * 20) for c, s in fast.scores.items()}
-    differ = sum(np.abs(counts[c] - np.rint(expected[c] * 20)).sum() for c in counts)
-    assert differ <= 1e-3 * 20 * sum(len(s) for s in expected.values())  # >= 99.9% identical maps
+    fast = compute_ranks(model, data, num_images=20, batch_size=8, progress=False)  # the default: gram
+    # The gram path may in principle disagree with matrix_rank on a map whose singular value sits within
+    # float32 noise of the threshold (2 of 1,016,000 maps in docs/ranks.md). On these 20 images x 688 filters
+    # the measured difference is 0 maps (was allowed up to ~13 rank units), so any difference is a regression.
+    for conv, s in expected.items():
+        np.testing.assert_array_equal(fast.scores[conv], s, err_msg=conv)
     assert got.spatial["conv1"] == (32, 32) and got.spatial["layer3.2.conv2"] == (8, 8)
     assert got.fingerprint == model_fingerprint(model) and got.arch == "resnet_20"
     assert got.meta["source"] == "computed" and got.meta["seed"] == 0 and got.meta["augment"] is True

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 from hrank import models
 from hrank.errors import HRankError
-from hrank.spec import Spec, encode_rates, parse_mapping_string, parse_rates
+from hrank.plan import find_groups, make_plan
+from hrank.spec import Spec, encode_rates, num_pruned, parse_mapping_string, parse_rates
 
 OFFICIAL_COUNTS = {"vgg_16_bn": 13, "resnet_56": 55, "resnet_110": 109, "densenet_40": 39, "googlenet": 10,
                    "resnet_50": 53, "resnet_20": 19, "resnet_32": 31, "resnet_44": 43}
@@ -178,3 +182,71 @@ def test_encoded_rates_fold_alternating_patterns():
     rates = [0.0, 0.5] * 18 + [0.0, 0.63] + [0.0, 0.5] * 8 + [0.0]
     assert encode_rates(rates) == "[0.0, 0.5]*18+[0.0, 0.63]+[0.0, 0.5]*8+[0.0]"
     assert encode_rates([0.1] + [0.6] * 35 + [0.0] * 2) == "[0.1]+[0.6]*35+[0.0]*2"
+
+
+# --------------------------------------------------------------------------------------------------
+# HRank's rule: int(rate * C) filters go, in float arithmetic (no epsilon, no rounding)
+# --------------------------------------------------------------------------------------------------
+
+RULE_WIDTHS = (16, 32, 64, 100, 128, 256, 512)
+# the official strings' rates (and HRankPlus-style ones) plus the whole k/100 scan
+OFFICIAL_RATES = (0.0, 0.05, 0.1, 0.2, 0.21, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+SCAN_RATES = tuple(sorted(set(OFFICIAL_RATES) | {k / 100 for k in range(100)}))
+
+
+class _RuleNet(nn.Module):
+    """A plain chain of convs with the widths of RULE_WIDTHS, so every rate meets every width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers, cin = [], 3
+        for c in RULE_WIDTHS:
+            layers += [nn.Conv2d(cin, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_num_pruned_is_int_of_the_float_product():
+    """0.29 * 100 is 28.999999999999996 in binary floating point: HRank (and hrank) prune 28, not 29."""
+    assert 0.29 * 100 < 29 and 0.57 * 100 < 57 and 0.58 * 100 < 58  # the float facts the rule rests on
+    assert num_pruned(0.29, 100) == 28 and num_pruned(0.57, 100) == 56 and num_pruned(0.58, 100) == 57
+    assert num_pruned(0.07, 100) == 7 and num_pruned(0.3, 16) == 4 and num_pruned(0.6, 16) == 9
+    below = []  # (rate, C) whose float product lies a hair below an integer: the cases an epsilon would flip
+    for c in sorted(set(RULE_WIDTHS) | set(range(1, 1025))):
+        for r in SCAN_RATES:
+            expected = int(r * c)  # the official code's expression, Python floats
+            assert num_pruned(r, c) == expected, (r, c)
+            if r * c < round(r * c) and round(r * c) - r * c < 1e-9:
+                below.append((r, c))
+                assert expected == round(r * c) - 1
+    assert [b for b in below if b[1] == 100] == [(0.29, 100), (0.57, 100), (0.58, 100)]
+    assert len(below) >= 40 and (0.7, 90) in below  # 0.7 * 90 = 62.99999999999999 -> 62
+    assert num_pruned(0.7, 90) == 62 and num_pruned(0.58, 50) == 28
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_int_rate_times_c_through_spec_and_plan_widths():
+    model = _RuleNet().eval()
+    x = torch.zeros(1, 3, 4, 4)
+    groups = find_groups(model, x)
+    convs = [f"features.{3 * i}" for i in range(len(RULE_WIDTHS))]
+    rng = np.random.default_rng(0)
+    scores = {conv: rng.random(c) for conv, c in zip(convs, RULE_WIDTHS, strict=True)}
+    for r in SCAN_RATES:
+        spec = Spec.from_mapping(model, {"*": r})
+        expected = {conv: int(r * c) for conv, c in zip(convs, RULE_WIDTHS, strict=True)}
+        assert spec.pruned_filters(model) == expected, r
+        plan = make_plan(model, scores, spec, groups=groups, example_input=x)
+        widths = {conv: len(kept) for conv, kept in plan.layers.items()}
+        assert widths == {conv: c - int(r * c) for conv, c in zip(convs, RULE_WIDTHS, strict=True)}, r
+    # the registry path: HRank strings on VGG-16 (64 ... 512 filters) and ResNet-56 (16, 32, 64)
+    vgg = models.create("vgg_16_bn")
+    for r in (0.29, 0.57, 0.58, 0.95):
+        spec = Spec.from_string(vgg, f"[{r}]*12+[0.0]")
+        channels = {c: vgg.get_submodule(c).out_channels for c in spec.rates}
+        assert spec.pruned_filters(vgg) == {c: int(spec.rates[c] * n) for c, n in channels.items()}
+        assert spec.pruned_filters(vgg)["features.conv0"] == int(r * 64)
