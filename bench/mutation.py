@@ -110,6 +110,14 @@ EQUIVALENT: dict[str, str] = {
        "checked equal two lines above" for n in (29, 32, 33)},
     "hrank.spec.xǁSpecǁfrom_string__mutmut_41": "the joiner of a forced-zero entry's convs: the only such entry "
     "(VGG's 13th) has one conv",
+    **{f"hrank.ranks.x_{f}__mutmut_{n}": "NaN/inf maps replaced unconditionally, or by 1.0 instead of 0.0: "
+       "the replacement is the identity on finite maps and the replaced maps' ranks are overwritten with -1"
+       for f, ns in (("_gram_ranks", (21, 29)), ("_svd_ranks", (8, 16))) for n in ns},
+    **{n: "a count clipped to max_entries + 2 instead of + 1: it only enters `> max_entries` (every list has "
+       "at least one value), where both are over" for n in ("hrank.spec.xǁ_Parserǁinteger__mutmut_22",
+                                                             "hrank.spec.xǁ_Parserǁinteger__mutmut_29",
+                                                             "hrank.spec.xǁ_Parserǁterm__mutmut_22")},
+    "hrank.spec.xǁ_Parserǁinteger__mutmut_18": 'lstrip("XX0XX") instead of lstrip("0") on a string of digits only',
 }
 
 

@@ -60,3 +60,29 @@ def test_rate_errors_name_the_entry_and_conv():
         Spec.from_string("resnet_20", "[0.1]*18+[1.0]")
     with pytest.raises(HRankError, match=r"rate 1\.5 at entry 2 \(layer1\.0\.conv1\) is outside"):
         Spec.from_string("resnet_20", "[0.1]+[1.5]+[0.1]*17")
+
+
+def test_string_spec_names_every_conv_exactly():
+    spec = Spec.from_string("resnet_20", "[0.1]*19")
+    assert spec.exact == frozenset(spec.rates) and len(spec.rates) == 19
+
+
+def test_parser_lists_commas_and_bounds():
+    from hrank.spec import parse_rates
+
+    assert parse_rates("[0.5,1]") == [0.5, 1.0]
+    assert parse_rates("[0.1,10, 2]") == [0.1, 10.0, 2.0]
+    assert parse_rates("[0.1, 0.2]", max_entries=2) == [0.1, 0.2]  # exactly the bound is accepted
+    with pytest.raises(HRankError, match="more than 2 entries .from column 2"):
+        parse_rates("[0.1, 0.2, 0.3]", max_entries=2)
+    assert parse_rates("[0.1]*0000000000002") == [0.1, 0.1]  # leading zeros are not digits that count
+    assert parse_rates("[0.1]*0") == []
+    with pytest.raises(HRankError, match="more than 10 entries"):
+        parse_rates("[0.1]*1234567", max_entries=10)  # clipped above the bound, never below it
+    with pytest.raises(HRankError, match="more than 10 entries"):
+        parse_rates("[0.1]*11", max_entries=10)
+    for text in ("[0.1]*2e3", "[0.1]*2E3", "[0.1]*2.5"):
+        with pytest.raises(HRankError, match="repeat count must be a whole number"):
+            parse_rates(text)
+    with pytest.raises(HRankError, match=r"expected '\+' or the end"):
+        parse_rates("[0.1]*2X")
