@@ -131,5 +131,16 @@ def _hrank(model: nn.Module, inputs: ScoreInputs) -> Any:
 
 register(Criterion("hrank", "mean matrix rank of each filter's feature maps over training images (HRank)", True,
                    _hrank))
+def _chip(model: nn.Module, inputs: ScoreInputs) -> Any:
+    from hrank.ranks import compute_scores
+
+    source = inputs.data.rank_input(augment=inputs.augment, seed=inputs.seed, normalization=inputs.normalization)
+    return compute_scores(model, source, ("chip",), num_images=inputs.num_images, batch_size=inputs.batch_size,
+                          device=inputs.device, progress=inputs.progress, augment=inputs.augment, seed=inputs.seed,
+                          normalization=inputs.normalization, convs=inputs.convs)["chip"]
+
+
+register(Criterion("chip", "mean nuclear-norm drop of each filter's C x HW feature maps when it is removed (CHIP)",
+                   True, _chip))
 register(Criterion("l1", "L1 norm of each filter's weights (Li et al. 2017)", False, _weight_criterion("l1")))
 register(Criterion("random", "seeded uniform scores (a baseline for ablations)", False, _weight_criterion("random")))

@@ -36,13 +36,15 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from hrank import models
+from hrank.chip import CHIP_METHODS, _chip_4d
 from hrank.data import ImageSet, Normalization, crop_flip, draw_augmentation, normalize
 from hrank.errors import HRankError
 from hrank.io import atomic_save_with, require_file
 from hrank.layers import is_conv
 from hrank.models.base import RankPoint
 
-__all__ = ["Ranks", "compute_ranks", "find_rank_points", "matrix_ranks", "model_fingerprint", "METHODS"]
+__all__ = ["Ranks", "compute_ranks", "compute_scores", "SCORES", "find_rank_points", "matrix_ranks",
+           "model_fingerprint", "METHODS"]
 
 METHODS = ("gram", "svd")
 _EPS32 = float(torch.finfo(torch.float32).eps)
@@ -795,6 +797,7 @@ class _Group:
     sums: torch.Tensor | None = None
     spatial: tuple[int, int] | None = None
     fired: bool = False
+    chip: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # CHIP score sums per conv slice
 
 
 def _check_input(model: nn.Module, shape: Sequence[int]) -> None:
@@ -816,9 +819,11 @@ class _Hooks:
     """Forward hooks on every rank point: rank each point's maps as the forward pass produces them."""
 
     def __init__(self, model: nn.Module, points: dict[str, RankPoint], method: str, chunk: int,
-                 pool: Executor | None, workers: int) -> None:
+                 pool: Executor | None, workers: int, kinds: Sequence[str] = ("rank",),
+                 chip_method: str = "gram") -> None:
         self.modules = dict(model.named_modules())
         self.method, self.chunk, self.pool, self.workers = method, chunk, pool, workers
+        self.kinds, self.chip_method = tuple(kinds), chip_method  # "rank" (HRank) and/or "chip" (CHIP)
         by_key: dict[tuple[str, int | None, str | None], _Group] = {}
         for conv, p in points.items():
             key = (p.module, p.call, p.act)
@@ -876,6 +881,10 @@ class _Hooks:
         grp.hi = max((p.channels or (0, width))[1] for _, p in grp.convs)
         grp.sums = torch.zeros(grp.hi - grp.lo, dtype=torch.float64, device=output.device)
         grp.spatial = (int(output.shape[2]), int(output.shape[3]))
+        if "chip" in self.kinds:  # CHIP's matrix is one conv's channels: one sum per distinct slice
+            for _, p in grp.convs:
+                lo, hi = p.channels or (0, width)
+                grp.chip.setdefault((lo, hi), torch.zeros(hi - lo, dtype=torch.float64, device=output.device))
 
     def _rank(self, grp: _Group, output: Any) -> None:
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
@@ -884,13 +893,25 @@ class _Hooks:
                              f"maps, got {shape}")
         if grp.sums is None:
             self._first(grp, output)
-        ranks = _ranks_4d(output.detach()[:, grp.lo:grp.hi], self.method, self.chunk, self.pool, self.workers,
-                          self.acts.get(grp.act) if grp.act is not None else None)
-        if bool((ranks < 0).any()):  # -1 marks a map with NaN/inf values
-            raise HRankError(f"non-finite activations (NaN/inf) at {grp.module}, the rank point of "
-                             f"{grp.convs[0][0]}; check the checkpoint and the input normalization")
-        grp.sums += ranks.sum(0, dtype=torch.float64)
+        act = self.acts.get(grp.act) if grp.act is not None else None
+        if "rank" in self.kinds:
+            ranks = _ranks_4d(output.detach()[:, grp.lo:grp.hi], self.method, self.chunk, self.pool, self.workers,
+                              act)
+            if bool((ranks < 0).any()):  # -1 marks a map with NaN/inf values
+                self._non_finite(grp)
+            grp.sums += ranks.sum(0, dtype=torch.float64)
+        for (lo, hi), sums in grp.chip.items():
+            chip = _chip_4d(output.detach()[:, lo:hi], self.chip_method, self.chunk, self.pool, self.workers, act)
+            total = chip.sum(0)
+            if not bool(torch.isfinite(total).all()):  # NaN marks an image with NaN/inf values
+                self._non_finite(grp)
+            sums += total
         grp.fired = True
+
+    @staticmethod
+    def _non_finite(grp: _Group) -> None:
+        raise HRankError(f"non-finite activations (NaN/inf) at {grp.module}, the rank point of "
+                         f"{grp.convs[0][0]}; check the checkpoint and the input normalization")
 
 
 def _forward_first(model: nn.Module, x: torch.Tensor) -> None:
@@ -929,6 +950,45 @@ def compute_ranks(model: nn.Module, data: ImageSet | torch.Tensor | Iterable, *,
     each process takes the first ``num_images / world`` images its own iterable yields (shard it, e.g.
     with a DistributedSampler).
     """
+    return _compute(model, data, ("hrank",), num_images=num_images, batch_size=batch_size, device=device,
+                    points=points, progress=progress, augment=augment, seed=seed, normalization=normalization,
+                    convs=convs, method=method, chunk_elems=chunk_elems, workers=workers)["hrank"]
+
+
+SCORES = ("hrank", "chip")  # the data criteria computed by the hooks: mean map rank, CHIP nuclear-norm drop
+
+
+def compute_scores(model: nn.Module, data: ImageSet | torch.Tensor | Iterable, criteria: Sequence[str] = SCORES, *,
+                   num_images: int = 500, batch_size: int = 128, device: torch.device | str | None = None,
+                   points: Mapping[str, str | RankPoint] | None = None, progress: bool = True, augment: bool = True,
+                   seed: int = 0, normalization: Normalization | str | dict | None = None,
+                   convs: Sequence[str] | None = None, method: str = "gram", chip_method: str = "gram",
+                   chunk_elems: int | None = None, workers: int | None = None) -> dict[str, Ranks]:
+    """Several data criteria in one pass: ``{"hrank": Ranks, "chip": Ranks}`` for the names in ``criteria``.
+
+    Everything is as in ``compute_ranks`` (same images, rank points, hooks, chunks, thread pool, DDP
+    all-reduce); the "hrank" result equals ``compute_ranks``'s. "chip" scores a filter by CHIP's channel
+    independence (Sui et al., NeurIPS 2021): the mean over images of ``||A||_* - ||A with the filter's row
+    zeroed||_*``, A the conv's C x HW post-activation maps of one image (``hrank.chip``; ``chip_method``
+    "gram" is the exact fast path, "svd" the direct SVDs). Higher = more important for both.
+    """
+    criteria = tuple(dict.fromkeys(criteria))
+    bad = [c for c in criteria if c not in SCORES]
+    if bad or not criteria:
+        raise HRankError(f"unknown data criterion {bad[0] if bad else None!r}; choose from {', '.join(SCORES)}")
+    if chip_method not in CHIP_METHODS:
+        raise HRankError(f"unknown CHIP method {chip_method!r}; choose one of {', '.join(CHIP_METHODS)}")
+    return _compute(model, data, criteria, num_images=num_images, batch_size=batch_size, device=device,
+                    points=points, progress=progress, augment=augment, seed=seed, normalization=normalization,
+                    convs=convs, method=method, chip_method=chip_method, chunk_elems=chunk_elems, workers=workers)
+
+
+def _compute(model: nn.Module, data: Any, criteria: tuple[str, ...], *, num_images: int, batch_size: int,
+             device: torch.device | str | None, points: Mapping[str, str | RankPoint] | None, progress: bool,
+             augment: bool, seed: int, normalization: Normalization | str | dict | None, convs: Sequence[str] | None,
+             method: str, chunk_elems: int | None, workers: int | None, chip_method: str = "gram"
+             ) -> dict[str, Ranks]:
+    """compute_ranks / compute_scores: one pass per batch, the hooks computing every criterion asked for."""
     if num_images < 1:
         raise HRankError(f"num_images must be >= 1, got {num_images}")
     if batch_size < 1:
@@ -982,7 +1042,8 @@ def compute_ranks(model: nn.Module, data: ImageSet | torch.Tensor | Iterable, *,
                 if hooks is None:
                     _check_input(model, x.shape)
                     resolved, reasons, linear = _resolve_points(model, points, convs, x)
-                    hooks = _Hooks(model, resolved, method, chunk, pool, n_workers)
+                    kinds = tuple("rank" if c == "hrank" else c for c in criteria)
+                    hooks = _Hooks(model, resolved, method, chunk, pool, n_workers, kinds, chip_method)
                     hooks.start_batch()
                     _forward_first(model, x)
                 else:
@@ -1014,6 +1075,7 @@ def compute_ranks(model: nn.Module, data: ImageSet | torch.Tensor | Iterable, *,
     groups = hooks.groups
     total_count = _all_reduce(groups, count, dev) if distributed else count
     scores: dict[str, np.ndarray] = {}
+    chip: dict[str, np.ndarray] = {}
     spatial: dict[str, tuple[int, int]] = {}
     for grp in groups:
         assert grp.sums is not None and grp.spatial is not None
@@ -1022,14 +1084,23 @@ def compute_ranks(model: nn.Module, data: ImageSet | torch.Tensor | Iterable, *,
             lo, hi = p.channels or (grp.lo, grp.hi)
             scores[conv] = mean[lo - grp.lo:hi - grp.lo].copy()
             spatial[conv] = grp.spatial
+            if grp.chip:
+                chip[conv] = (grp.chip[p.channels or (0, grp.hi)] / total_count).cpu().numpy()
     order = list(resolved)
     meta = {"source": "computed", "method": method, "batch_size": batch_size, "world_size": world,
             "device": dev.type, "seconds": round(time.perf_counter() - started, 3), "torch": torch.__version__,
             "unranked": reasons, "no_activation": [c for c in order if c in linear],
             "model_convs": _model_convs(model), **data_meta}
-    return Ranks({c: scores[c] for c in order}, int(total_count), {c: spatial[c] for c in order},
-                 {c: resolved[c] for c in order}, model_fingerprint(model), arch if arch in models.names() else None,
-                 meta)
+    common = (int(total_count), {c: spatial[c] for c in order}, {c: resolved[c] for c in order},
+              model_fingerprint(model), arch if arch in models.names() else None)
+    out: dict[str, Ranks] = {}
+    if "hrank" in criteria:
+        out["hrank"] = Ranks({c: scores[c] for c in order}, *common, meta)
+    if "chip" in criteria:
+        out["chip"] = Ranks({c: chip[c] for c in order}, *common,
+                            {**meta, "criterion": "chip", "method": chip_method,
+                             "score": "mean nuclear-norm drop when the filter's row of the C x HW maps is zeroed"})
+    return out
 
 
 @contextlib.contextmanager
@@ -1062,7 +1133,7 @@ def _all_reduce(groups: list[_Group], count: int, device: torch.device) -> int:
     """Sum every process's per-filter rank sums and image counts (one collective); returns the total count."""
     dist = torch.distributed
     on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    vec = torch.cat([grp.sums.to(on) for grp in groups if grp.sums is not None]
+    vec = torch.cat([t.to(on) for grp in groups for t in (grp.sums, *grp.chip.values()) if t is not None]
                     + [torch.tensor([float(count)], dtype=torch.float64, device=on)])
     dist.all_reduce(vec)
     offset = 0
@@ -1071,6 +1142,9 @@ def _all_reduce(groups: list[_Group], count: int, device: torch.device) -> int:
         size = grp.sums.numel()
         grp.sums = vec[offset:offset + size].to(device)
         offset += size
+        for key, t in grp.chip.items():  # CHIP sums (when asked for) follow their group's rank sums
+            grp.chip[key] = vec[offset:offset + t.numel()].to(device)
+            offset += t.numel()
     return int(round(vec[-1].item()))
 
 
