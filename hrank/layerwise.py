@@ -127,7 +127,7 @@ def fit_layerwise(model: nn.Module, plan: Plan, train_batches: Batches, val_batc
                   recipe: Recipe, *, mode: str = "mask", out_dir: str | os.PathLike, resume: bool = False,
                   overwrite: bool = False, test_batches: Batches | None = None, select_on_test: bool = False,
                   run_info: dict[str, Any] | None = None, stop_after_epoch: int | None = None,
-                  progress: bool = True, tensorboard: bool = True,
+                  progress: bool = True, tensorboard: bool = True, teacher: nn.Module | None = None,
                   printer: Callable[[str], None] = print) -> tuple[nn.Module, FitResult]:
     """HRank's layer-by-layer fine-tuning: for each step of ``plan`` (``layerwise_steps``) prune it, fine-tune
     ``recipe.epochs`` epochs (a ``fit`` run in ``out_dir/step_NNN``), and start the next step from this
@@ -191,7 +191,7 @@ def fit_layerwise(model: nn.Module, plan: Plan, train_batches: Batches, val_batc
                   resume=resume and (step_dir / "last.pt").exists(), overwrite=overwrite,
                   test_batches=test_batches if select_on_test else None, select_on_test=select_on_test,
                   run_info={**(run_info or {}), "step": i + 1, "steps": names[i]}, stop_after_epoch=stop,
-                  progress=progress, tensorboard=tensorboard, save_final=False, printer=printer)
+                  progress=progress, tensorboard=tensorboard, save_final=False, teacher=teacher, printer=printer)
         if not res.completed:
             return current, res
         prev_state = {k: v.detach().clone() for k, v in _unwrap(current).state_dict().items()}

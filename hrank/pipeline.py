@@ -337,10 +337,11 @@ def finetune(model: nn.Module, data: DataSplits, recipe: Recipe, *, normalizatio
              device: torch.device, out_dir: str | os.PathLike, seed: int = 0, plan: Plan | None = None,
              mode: str = "physical", resume: bool = False, overwrite: bool = False, select_on_test: bool = False,
              run_info: dict[str, Any] | None = None, stop_after: int | None = None, progress: bool = True,
-             printer: Printer = print) -> Any:
+             teacher: nn.Module | None = None, printer: Printer = print) -> Any:
     """Train ``model`` on ``data.finetune`` with ``recipe`` (DDP under torchrun), selecting the best epoch on
     ``data.val`` (or the test split with ``select_on_test``). One-shot, or layer by layer when the recipe is
-    layer-wise: then ``model`` is the unpruned model and ``plan`` is applied step by step."""
+    layer-wise: then ``model`` is the unpruned model and ``plan`` is applied step by step. ``teacher`` (the
+    unpruned model) is distilled into ``model`` when the recipe says so (``distill_weight``)."""
     from hrank.train import fit, make_eval_batches, make_train_batches
 
     norm = Normalization.get(normalization)
@@ -353,7 +354,7 @@ def finetune(model: nn.Module, data: DataSplits, recipe: Recipe, *, normalizatio
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = dict(out_dir=out_dir, resume=resume, overwrite=overwrite, test_batches=test,
                                   select_on_test=select_on_test, run_info=run_info, stop_after_epoch=stop_after,
-                                  progress=progress, printer=printer)
+                                  progress=progress, printer=printer, teacher=teacher)
     if recipe.layerwise:
         if plan is None:
             raise HRankError("layer-wise fine-tuning prunes step by step and needs the unpruned model and a plan "

@@ -59,6 +59,11 @@ class Recipe:
     warmup_epochs: float = _f("linear warm-up from 0 to the peak lr over this many epochs (per step)", default=0.0)
     final_lr_fraction: float = _f("lr at the end of cosine/linear decay, as a fraction of the peak", default=0.0)
     label_smoothing: float = _f("cross-entropy label smoothing", default=0.0)
+    distill_weight: float = _f("knowledge distillation from the unpruned model (the teacher, in eval mode on the "
+                               "same augmented batch): loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher || "
+                               "student) on temperature-T softmaxes; 0 = off", default=0.0)
+    distill_temperature: float = _f("softmax temperature T of the distillation term (Hinton et al. 2015)",
+                                    default=4.0)
     layerwise: bool = _f("prune and fine-tune one conv (ResNet-50: one bottleneck) at a time, as HRank does; "
                          "otherwise apply the whole plan once (one-shot)", default=False)
     layerwise_unit: str = _f("layer-wise step: conv (one coupled group of convs), block (every group starting in "
@@ -96,6 +101,9 @@ class Recipe:
             ("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs, "must be in [0, epochs]"),
             ("final_lr_fraction", 0 <= self.final_lr_fraction <= 1, "must be in [0, 1]"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("distill_weight", 0 <= self.distill_weight <= 1, "must be in [0, 1]"),
+            ("distill_temperature", math.isfinite(self.distill_temperature) and self.distill_temperature > 0,
+             "must be a finite number > 0"),
             ("milestones", all(m >= 1 for m in self.milestones)
              and list(self.milestones) == sorted(set(self.milestones)), "must be increasing positive epochs"),
             ("nesterov", not (self.nesterov and self.momentum == 0), "needs momentum > 0"),

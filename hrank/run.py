@@ -430,9 +430,11 @@ class Run:
         else:
             model, _ = load_model(self.dir / "pruned.pt")
             plan = None
+        teacher = self._baseline_model()[0] if recipe.distill_weight > 0 else None  # the unpruned model
         result = pipeline.finetune(model, self.data, recipe, normalization=norm, device=self.device, out_dir=out,
                                    seed=c["seed"], plan=plan, mode=c["mode"], resume=True,
-                                   select_on_test=c["select_on_test"], progress=self.progress, printer=self.print)
+                                   select_on_test=c["select_on_test"], progress=self.progress, teacher=teacher,
+                                   printer=self.print)
 
         def write() -> None:
             atomic_write_json(self.dir / "finetune.json", {"recipe": recipe.to_json(), **result.to_json()})

@@ -170,6 +170,17 @@ def lr_factor(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
 # Evaluation
 # ---------------------------------------------------------------------------------------------------
 
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, *, weight: float,
+                 temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """(1 - w) * cross-entropy(student, targets) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T)),
+    batch-mean (Hinton et al. 2015: T^2 keeps the soft term's gradients on the scale of the hard one's)."""
+    hard = nn.functional.cross_entropy(student, targets, label_smoothing=label_smoothing)
+    soft = nn.functional.kl_div(nn.functional.log_softmax(student / temperature, dim=1),
+                                nn.functional.log_softmax(teacher / temperature, dim=1), reduction="batchmean",
+                                log_target=True)
+    return (1.0 - weight) * hard + weight * temperature ** 2 * soft
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
              num_classes: int | None = None, amp: torch.dtype | None = None,
@@ -396,13 +407,16 @@ class _Trainer:
     """The mutable state of one run (model, DDP wrapper, optimizer, scheduler, scaler) and one epoch's loop."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, steps_per_epoch: int, device: torch.device,
-                 dist: DistInfo) -> None:
+                 dist: DistInfo, teacher: nn.Module | None = None) -> None:
         self.recipe, self.device, self.dist = recipe, device, dist
+        self.teacher = teacher
         self.steps_per_epoch = steps_per_epoch
         self.amp = _resolve_amp(recipe, device)
         self.channels_last = _use_channels_last(recipe, device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+            if teacher is not None:
+                teacher.to(memory_format=torch.channels_last)
         from hrank.syncbn import convert_sync_bn, has_batchnorm, use_sync_bn
 
         per_process = recipe.batch_size // max(dist.world_size, 1)
@@ -456,7 +470,14 @@ class _Trainer:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with _autocast(device, self.amp):
                     out = self.net(x)
-                    loss = self.criterion(out.float(), y)
+                    if self.teacher is None:
+                        loss = self.criterion(out.float(), y)
+                    else:
+                        with torch.no_grad():
+                            soft = self.teacher(x).float()
+                        loss = distill_loss(out.float(), soft, y, weight=recipe.distill_weight,
+                                            temperature=recipe.distill_temperature,
+                                            label_smoothing=recipe.label_smoothing)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -507,8 +528,12 @@ def fit(model: nn.Module, train_batches: Batches, val_batches: Batches | None, r
         test_batches: Batches | None = None, select_on_test: bool = False,
         run_info: dict[str, Any] | None = None, stop_after_epoch: int | None = None,
         progress: bool = True, tensorboard: bool = True, save_final: bool = True,
-        printer: Callable[[str], None] = print) -> FitResult:
+        teacher: nn.Module | None = None, printer: Callable[[str], None] = print) -> FitResult:
     """Train ``model`` with ``recipe``, selecting the best epoch on ``val_batches``; evaluate it on test.
+
+    With ``recipe.distill_weight`` > 0, ``teacher`` (the unpruned model; frozen, in eval mode) is distilled into
+    ``model`` (``distill_loss``); its weights are part of the run's identity, so a resume with another
+    teacher is refused.
 
     ``model`` is already pruned (physical or mask) and on its device; under DDP it is the same on every
     process, and ``fit`` wraps it in DDP and only then builds the optimizer. ``train_batches`` is this
@@ -524,6 +549,9 @@ def fit(model: nn.Module, train_batches: Batches, val_batches: Batches | None, r
     out_dir = Path(out_dir)
     run_info = _check_fit_inputs(train_batches, val_batches, test_batches, recipe, select_on_test, run_info, dist)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    teacher = _prepare_teacher(teacher, recipe, device)
+    if teacher is not None:
+        run_info = {**run_info, "teacher": _weights_fingerprint(teacher)}
     normalization = train_batches.norm
     identity = _identity(model, recipe, run_info)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -536,7 +564,7 @@ def fit(model: nn.Module, train_batches: Batches, val_batches: Batches | None, r
         ckpt = read_checkpoint(last_path)
         _check_identity(ckpt["identity"], identity, out_dir)
 
-    trainer = _Trainer(model, recipe, len(train_batches), device, dist)  # may refuse the recipe: before any write
+    trainer = _Trainer(model, recipe, len(train_batches), device, dist, teacher)  # may refuse: before any write
     model = trainer.model
     start_epoch, best_metric, best_epoch, best_val, best_test, elapsed_before = 0, -math.inf, 0, None, None, 0.0
     best_state: dict[str, torch.Tensor] | None = None
@@ -639,6 +667,29 @@ def fit(model: nn.Module, train_batches: Batches, val_batches: Batches | None, r
         log.print(summary_text(result, val_batches, test_batches))
     _barrier(dist)
     return result
+
+
+def _prepare_teacher(teacher: nn.Module | None, recipe: Recipe, device: torch.device) -> nn.Module | None:
+    """The frozen eval-mode teacher on ``device`` when the recipe distills (None otherwise)."""
+    if recipe.distill_weight <= 0:
+        return None
+    if teacher is None:
+        raise HRankError("the recipe distills (distill_weight > 0) but no teacher was given: distillation learns "
+                         "from the unpruned model (hrank run uses the baseline; hrank finetune takes --teacher)")
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _weights_fingerprint(model: nn.Module) -> str:
+    """A hash of the names, shapes and values of every parameter and buffer (the teacher's identity)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _check_fit_inputs(train_batches: Batches, val_batches: Batches | None, test_batches: Batches | None,

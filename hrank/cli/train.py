@@ -39,6 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", default=None, help="plan JSON to apply to the loaded (unpruned) model")
     p.add_argument("--mode", choices=["physical", "mask"], default="physical",
                    help="how --plan is applied: physical (remove channels) or mask (HRank's zero masks)")
+    p.add_argument("--distill", action="store_true",
+                   help="distill the unpruned model into the pruned one (distill_weight 0.5 unless "
+                        "--distill-weight says otherwise); the teacher is --teacher, else the --model/--checkpoint "
+                        "model before --plan is applied")
+    p.add_argument("--teacher", default=None,
+                   help="the teacher for distillation: a model file written by hrank (e.g. a run's baseline.pt)")
     _add_run_args(p, default_recipe="fast")
     p.set_defaults(func=run_finetune)
 
@@ -184,7 +190,7 @@ def load_model_source(args: argparse.Namespace) -> pipeline.LoadedModel:
 
 def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.Recipe,
              normalization: Normalization, run_info: dict[str, Any], *, plan: Any = None,
-             mode: str = "physical") -> int:
+             mode: str = "physical", teacher: torch.nn.Module | None = None) -> int:
     if recipe.layerwise and plan is None:
         raise HRankError("layer-wise fine-tuning prunes step by step and needs the unpruned model and a "
                          "plan: pass --plan (or use a one-shot recipe, e.g. --no-layerwise)")
@@ -207,7 +213,7 @@ def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.R
             pipeline.finetune(model, data, recipe, normalization=normalization, device=device, out_dir=out,
                               seed=args.seed, plan=plan, mode=mode, resume=args.resume, overwrite=args.force,
                               select_on_test=args.select_on_test, run_info=run_info, stop_after=args.stop_after,
-                              progress=not args.no_progress and dist.is_main)
+                              progress=not args.no_progress and dist.is_main, teacher=teacher)
         except HRankError:
             if fresh is not None and dist.is_main and not _holds_progress(out):  # nothing to resume: as it was
                 fresh.undo()
@@ -230,9 +236,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    if args.distill and args.r_distill_weight is None:
+        args.r_distill_weight = 0.5
     recipe = _recipe(args, "fast")
     loaded = load_model_source(args)
     model = loaded.model
+    teacher = _teacher(args, recipe, loaded)
     plan = None
     if args.plan:
         from hrank.plan import Plan
@@ -248,7 +257,27 @@ def run_finetune(args: argparse.Namespace) -> int:
     elif recipe.layerwise:
         raise HRankError(f"recipe {recipe.name!r} is layer-wise: it needs the unpruned model and --plan (a pruned "
                          "model file cannot be pruned step by step); or pass --no-layerwise")
-    return _run_fit(args, model, recipe, loaded.normalization, {"task": "finetune"}, plan=plan, mode=args.mode)
+    return _run_fit(args, model, recipe, loaded.normalization, {"task": "finetune"}, plan=plan, mode=args.mode,
+                    teacher=teacher)
+
+
+def _teacher(args: argparse.Namespace, recipe: recipes.Recipe, loaded: pipeline.LoadedModel) -> Any:
+    """The unpruned model to distill from: --teacher, else the loaded model itself before --plan prunes it."""
+    if args.teacher and recipe.distill_weight <= 0:
+        raise HRankError("--teacher is only used for distillation: add --distill (or --distill-weight W)")
+    if recipe.distill_weight <= 0:
+        return None
+    if args.teacher:
+        teacher = pipeline.load_model(model_file=args.teacher)
+        if teacher.plan is not None:
+            raise HRankError(f"--teacher {args.teacher} is a pruned model; distill from the unpruned one")
+        return teacher.model
+    if args.plan and loaded.plan is None:
+        import copy
+
+        return copy.deepcopy(loaded.model)  # the unpruned model, before the plan is applied below
+    raise HRankError("distillation needs the unpruned model as teacher: pass --teacher FILE (e.g. a run's "
+                     "baseline.pt), or prune here with --model, --checkpoint and --plan")
 
 
 def run_eval(args: argparse.Namespace) -> int:
