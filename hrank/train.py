@@ -29,6 +29,7 @@ at a time, each step a ``fit`` run in its own sub-directory, resumable at step g
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -670,13 +671,16 @@ def fit(model: nn.Module, train_batches: Batches, val_batches: Batches | None, r
 
 
 def _prepare_teacher(teacher: nn.Module | None, recipe: Recipe, device: torch.device) -> nn.Module | None:
-    """The frozen eval-mode teacher on ``device`` when the recipe distills (None otherwise)."""
+    """A frozen eval-mode copy of the teacher on ``device`` when the recipe distills (None otherwise).
+
+    A copy, so the caller's model keeps its device, mode and ``requires_grad`` (it may be trained or pruned
+    again later: freezing it in place once made a later student untrainable)."""
     if recipe.distill_weight <= 0:
         return None
     if teacher is None:
         raise HRankError("the recipe distills (distill_weight > 0) but no teacher was given: distillation learns "
                          "from the unpruned model (hrank run uses the baseline; hrank finetune takes --teacher)")
-    teacher = teacher.to(device).eval()
+    teacher = copy.deepcopy(teacher).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

@@ -101,3 +101,16 @@ def test_cli_finetune_distills_from_the_unpruned_model(tmp_path: Path, tiny_cifa
     assert main(["finetune", "--model-file", str(out / "model.pt"), "--teacher", str(out / "model.pt"),
                  "--distill", "--out", str(tmp_path / "y"), *common]) == 2
     assert "pruned model" in capsys.readouterr().err
+
+
+def test_fit_leaves_the_callers_teacher_as_it_was(tmp_path: Path, cifar_sets):
+    # the teacher is often the model the next student is cut from: fit must not freeze it or change its mode
+    teacher = _teacher().train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    _fit(cifar_sets, tmp_path / "taught", _recipe(epochs=1, distill_weight=0.5), teacher=teacher)
+    assert teacher.training
+    assert all(p.requires_grad for p in teacher.parameters())
+    assert _same(before, teacher.state_dict())
+    student = _teacher()  # a student cut from the same teacher can still be trained, and learns
+    _fit(cifar_sets, tmp_path / "next", _recipe(epochs=1, distill_weight=0.5), model=student, teacher=teacher)
+    assert not _same(before, student.state_dict())
