@@ -1,14 +1,22 @@
-"""HRank vs L1 vs random filter selection on the pretrained ResNet-56, at the same per-layer widths.
+"""Filter criteria x fine-tuning recipes on the pretrained ResNet-56, at the same per-layer widths.
 
-The real-data experiment of issue 6: the pretrained CIFAR-10 ResNet-56 (akamaster, ImageNet normalization)
-is pruned to about half its MACs. The widths come from one budget search (``hrank.budget``), so the three
-criteria differ only in *which* filters each layer keeps. For each criterion the script reports top-1
-right after pruning, after BatchNorm recalibration, and after the same short fine-tune (best epoch chosen on
-a 5,000-image validation split carved from the training set), on the 10k JPEG-derived test set and on the
-1,000 exact-pixel test images. Everything runs in one process; results go to ``--out/results.json``.
+The real-data experiment of issues 6 and 14: the pretrained CIFAR-10 ResNet-56 (akamaster, ImageNet
+normalization) is pruned to about half its MACs. Per seed the widths come from one budget search
+(``hrank.budget`` on that seed's HRank ranks), so the criteria (hrank, chip, l1, random) differ only in *which*
+filters each layer keeps. Each pruned model is BN-recalibrated (512 training images) and fine-tuned with the
+same short ``fast`` recipe, plain or distilled from the dense model (``--recipes plain,distill``); the dense
+model itself is fine-tuned with the same recipe as the reference row (``dense``). Top-1 is reported on the
+validation split after recalibration, and after fine-tuning (best epoch chosen on the 5,000-image validation
+split carved from the training set) on validation, the 10k JPEG-derived test set and the 1,000 exact-pixel
+test images.
 
-    python bench/experiment_resnet56.py --data-dir ../shared/data/cifar10 \\
-        --checkpoint ../shared/data/weights/resnet56-4bfd9763.th --epochs 3 --out runs/experiment
+Every cell (seed, criterion, recipe) is written to ``--out/seed<S>/<criterion>-<recipe>.json`` as soon as it is
+done and skipped when it exists, so a stopped run resumes, and several processes can share the grid (e.g. one
+per seed). ``--summary`` prints the table of every cell found, with the mean and the per-seed values.
+
+    python bench/experiment_resnet56.py --epochs 2 --seeds 0 --out runs/experiment      # one process
+    python bench/experiment_resnet56.py --seeds 1 --threads 1 --out runs/experiment &   # another, alongside
+    python bench/experiment_resnet56.py --summary --out runs/experiment
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -28,8 +38,150 @@ from hrank.criteria import weight_scores
 from hrank.data import Batches, Normalization, load_batch_files, load_cifar
 from hrank.plan import make_plan
 from hrank.prune import apply_plan, recalibrate_bn
-from hrank.ranks import compute_ranks
+from hrank.ranks import Ranks, compute_scores
 from hrank.train import evaluate, fit, make_eval_batches, make_train_batches, split_train_val
+
+CRITERIA = ("hrank", "chip", "l1", "random")
+RECIPES = ("plain", "distill")
+SPLITS = ("val", "test", "lossless")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    """Run every missing cell of the grid for the seeds asked, one seed after the other."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    norm = Normalization.get("imagenet")
+    out = Path(args.out)
+    criteria = [c for c in args.criteria.split(",") if c]
+    recipe_names = [r for r in args.recipes.split(",") if r]
+    bad = [c for c in criteria if c not in CRITERIA] + [r for r in recipe_names if r not in RECIPES]
+    if bad:
+        raise SystemExit(f"unknown criterion or recipe {bad[0]!r}")
+
+    train_all = load_cifar(args.data_dir, "cifar10", "train", download=False)
+    test = load_cifar(args.data_dir, "cifar10", "test", download=False)
+    lossless_path = Path(args.lossless or Path(args.data_dir) / "lossless_subset" / "test_batch_first1000")
+    lossless = load_batch_files([lossless_path], 10, name="lossless-1k")
+    base = models.create("resnet_56")
+    models.load_checkpoint(base, args.checkpoint)
+    base.eval().to(device)
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}, {device}")
+
+    for seed in (int(s) for s in args.seeds.split(",")):
+        sdir = out / f"seed{seed}"
+        cells = [(c, r) for c in criteria for r in recipe_names] + ([("dense", "plain")] if args.dense else [])
+        todo = [(c, r) for c, r in cells if args.force or not (sdir / f"{c}-{r}.json").exists()]
+        if not todo:
+            print(f"seed {seed}: every cell done before, skipped", flush=True)
+            continue
+        torch.manual_seed(seed)
+        train, val = split_train_val(train_all, 5000, seed=seed)
+        ft_train = train
+        if args.train_subset:
+            pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: args.train_subset]
+            ft_train = train.subset(pick.sort().values)
+        if args.val_images and args.val_images < len(val):
+            val = val.subset(torch.arange(args.val_images))  # a smaller selection split: cheaper per cell
+        evals = {name: make_eval_batches(ds, normalization=norm, device=device)
+                 for name, ds in (("val", val), ("test", test), ("lossless", lossless))}
+
+        def accuracy(model: torch.nn.Module, splits=SPLITS, evals=evals) -> dict[str, float]:
+            model.to(device)
+            return {s: evaluate(model, evals[s])["top1"] for s in splits}
+
+        info_path = sdir / "setup.json"
+        if info_path.exists():
+            setup = json.loads(info_path.read_text())
+        else:
+            t0 = time.perf_counter()
+            scores = compute_scores(base, train, ("hrank", "chip"), num_images=args.rank_images, seed=seed,
+                                    normalization=norm, device=device, progress=False)
+            score_seconds = time.perf_counter() - t0
+            budget = find_budget(base, scores["hrank"], target=args.target_macs, metric="macs")
+            setup = {"machine": machine, "seed": seed, "spec": budget.hrank_string(), "macs": budget.macs,
+                     "params": budget.params, "baseline_macs": budget.baseline, "score_seconds": score_seconds,
+                     "dense": accuracy(base)}
+            for name, ranks in scores.items():
+                ranks.save(sdir / f"{name}.npz")
+            _write_json(info_path, setup)
+        print(f"seed {seed}: widths {setup['spec']} -> {flops.format_count(setup['macs'])} MACs "
+              f"({setup['macs'] / setup['baseline_macs']:.1%}); dense {setup['dense']}", flush=True)
+        budget = find_budget(base, Ranks.load(sdir / "hrank.npz"), target=args.target_macs, metric="macs")
+        if budget.hrank_string() != setup["spec"]:
+            raise SystemExit(f"seed {seed}: the budget search no longer gives the recorded widths")
+
+        for criterion, recipe_name in todo:
+            t0 = time.perf_counter()
+            recipe = recipes.apply_overrides(recipes.get_preset("fast"), {
+                "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_ref_batch": 0,
+                "warmup_epochs": min(0.5, float(args.epochs)),
+                "distill_weight": args.distill_weight if recipe_name == "distill" else 0.0,
+                "distill_temperature": args.distill_temperature}, "experiment").validate()
+            if criterion == "dense":
+                model = copy.deepcopy(base)
+                row: dict = {}
+            else:
+                if criterion in ("hrank", "chip"):
+                    scores = Ranks.load(sdir / f"{criterion}.npz")
+                else:
+                    scores = weight_scores(criterion, base, list(Ranks.load(sdir / "hrank.npz").scores), seed=seed)
+                plan = make_plan(base, scores, budget.spec, criterion=criterion)
+                model = apply_plan(copy.deepcopy(base), plan, mode="physical")
+                row = {}
+                recalibrate_bn(model.to(device), Batches(train, 128, normalization=norm, train=True, device=device,
+                                                         seed=seed + 2), 512)
+                row["after_recalibration"] = accuracy(model, ("val",))
+            counts = flops.count(model)
+            torch.manual_seed(seed)
+            teacher = base if recipe.distill_weight > 0 else None
+            result = fit(model, make_train_batches(ft_train, recipe, normalization=norm, device=device, seed=seed),
+                         evals["val"], recipe, out_dir=sdir / f"{criterion}-{recipe_name}", overwrite=True,
+                         progress=False, printer=lambda s: None, teacher=teacher, tensorboard=False)
+            after = accuracy(model, ("test", "lossless"))
+            row.update({"after_finetune": {"val": result.val["top1"], **after}, "best_epoch": result.best_epoch,
+                        "macs": counts.macs, "params": counts.params, "seconds": time.perf_counter() - t0,
+                        "recipe": recipe.to_json(),
+                        "train_images": len(ft_train), "machine": machine})
+            _write_json(sdir / f"{criterion}-{recipe_name}.json", row)
+            print(f"seed {seed} {criterion} {recipe_name}: {json.dumps(row['after_finetune'])} "
+                  f"({row['seconds'] / 60:.1f} min)", flush=True)
+
+
+def summary(out: Path) -> str:
+    """The markdown table of every cell under ``out``: mean top-1 over the seeds and the per-seed values."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    seeds = sorted(p for p in out.glob("seed*") if p.is_dir())
+    for sdir in seeds:
+        for f in sorted(sdir.glob("*-*.json")):
+            criterion, recipe = f.stem.split("-", 1)
+            cells.setdefault((criterion, recipe), []).append({"seed": sdir.name[4:], **json.loads(f.read_text())})
+    order = {c: i for i, c in enumerate(("dense",) + CRITERIA)}
+    lines = ["| criterion | recipe | seeds | after recal. val | val | test (10k JPEG) | lossless 1k | "
+             "test per seed | min per run |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+
+    def cell(rows: list[dict], stage: str, split: str) -> str:
+        vals = [r[stage][split] for r in rows if stage in r]
+        if not vals:
+            return "—"
+        spread = f" ±{(max(vals) - min(vals)) / 2:.2f}" if len(vals) > 1 else ""
+        return f"{statistics.mean(vals):.2f}{spread}"
+
+    for (criterion, recipe), rows in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+        per_seed = ", ".join(f"s{r['seed']} {r['after_finetune']['test']:.2f}" for r in rows)
+        minutes = statistics.mean(r["seconds"] for r in rows) / 60
+        lines.append(f"| {criterion} | {recipe} | {len(rows)} | {cell(rows, 'after_recalibration', 'val')} | "
+                     f"{cell(rows, 'after_finetune', 'val')} | {cell(rows, 'after_finetune', 'test')} | "
+                     f"{cell(rows, 'after_finetune', 'lossless')} | {per_seed} | {minutes:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -38,99 +190,30 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="../shared/data/weights/resnet56-4bfd9763.th")
     ap.add_argument("--lossless", default=None, help="exact-pixel test batch (default: DATA/lossless_subset/...)")
     ap.add_argument("--target-macs", type=float, default=0.5)
-    ap.add_argument("--criteria", default="hrank,l1,random")
-    ap.add_argument("--budget-order", default=None, help="hrank.budget order (default: the library's)")
-    ap.add_argument("--round-to", type=int, default=None,
-                    help="width multiple of the budget search (default: the library's; 1 = exact channels)")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--criteria", default=",".join(CRITERIA), help=f"any of {', '.join(CRITERIA)}")
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="plain (cross-entropy) and/or distill")
+    ap.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
+                    help="also fine-tune the dense model with the plain recipe (the reference row)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, run one after the other")
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--distill-weight", type=float, default=0.5)
+    ap.add_argument("--distill-temperature", type=float, default=4.0)
     ap.add_argument("--train-subset", type=int, default=None, help="fine-tune on this many training images")
+    ap.add_argument("--val-images", type=int, default=None,
+                    help="select epochs (and report val) on the first N of the 5,000 validation images")
     ap.add_argument("--rank-images", type=int, default=500)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--force", action="store_true", help="redo cells that exist")
+    ap.add_argument("--summary", action="store_true", help="print the table of the cells under --out and stop")
     ap.add_argument("--out", default="runs/experiment_resnet56")
     args = ap.parse_args()
-
-    t_start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    norm = Normalization.get("imagenet")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    train_all = load_cifar(args.data_dir, "cifar10", "train", download=False)
-    train, val = split_train_val(train_all, 5000, seed=args.seed)
-    ft_train = train
-    if args.train_subset:
-        ft_train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-                                [: args.train_subset].sort().values)
-    test = load_cifar(args.data_dir, "cifar10", "test", download=False)
-    lossless_path = Path(args.lossless or Path(args.data_dir) / "lossless_subset" / "test_batch_first1000")
-    lossless = load_batch_files([lossless_path], 10, name="lossless-1k")
-    evals = {name: make_eval_batches(ds, normalization=norm, device=device)
-             for name, ds in (("val", val), ("test", test), ("lossless", lossless))}
-
-    def accuracy(model: torch.nn.Module, splits=("val", "test", "lossless")) -> dict[str, float]:
-        model.to(device)
-        return {s: evaluate(model, evals[s])["top1"] for s in splits}
-
-    base = models.create("resnet_56")
-    models.load_checkpoint(base, args.checkpoint)
-    base.eval()
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                                f"torch {torch.__version__}, {device}",
-                     "baseline": {**accuracy(base), "macs": flops.count(base).macs, "params": flops.count(base).params}}
-    print("baseline", results["baseline"], flush=True)
-
-    t0 = time.perf_counter()
-    ranks = compute_ranks(base, train, num_images=args.rank_images, seed=args.seed, normalization=norm,
-                          device=device, progress=False)
-    results["rank_seconds"] = time.perf_counter() - t0
-    extra = {"order": args.budget_order} if args.budget_order else {}
-    if args.round_to is not None:
-        extra["round_to"] = args.round_to
-    budget = find_budget(base, ranks, target=args.target_macs, metric="macs", **extra)
-    results["spec"] = budget.hrank_string()
-    results["macs"], results["params"] = budget.macs, budget.params
-    print(f"widths: {results['spec']} -> {flops.format_count(budget.macs)} MACs "
-          f"({budget.macs / budget.baseline:.1%})", flush=True)
-
-    recipe = recipes.apply_overrides(recipes.get_preset("fast"), {
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_ref_batch": 0,
-        "warmup_epochs": min(0.5, float(args.epochs))}, "experiment").validate()
-    results["recipe"] = recipe.to_json()
-    results["criteria"] = {}
-    for criterion in args.criteria.split(","):
+    if not args.summary:
         t0 = time.perf_counter()
-        scores = ranks if criterion == "hrank" else weight_scores(criterion, base, list(ranks.scores), seed=args.seed)
-        plan = make_plan(base, scores, budget.spec, criterion=criterion)
-        model = apply_plan(copy.deepcopy(base), plan, mode="physical")
-        row: dict = {"after_prune": accuracy(model)}
-        recalibrate_bn(model.to(device), Batches(train, 128, normalization=norm, train=True, device=device,
-                                                 seed=args.seed + 2), 512)
-        row["after_recalibration"] = accuracy(model)
-        torch.manual_seed(args.seed)
-        result = fit(model, make_train_batches(ft_train, recipe, normalization=norm, device=device, seed=args.seed),
-                     evals["val"], recipe, out_dir=out / criterion, overwrite=True, test_batches=evals["test"],
-                     progress=False, printer=lambda s: None)
-        row["after_finetune"] = accuracy(model)
-        row["best_epoch"] = result.best_epoch
-        row["seconds"] = time.perf_counter() - t0
-        results["criteria"][criterion] = row
-        print(criterion, json.dumps(row), flush=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-
-    results["total_seconds"] = time.perf_counter() - t_start
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n| criterion | stage | val | test (10k JPEG) | lossless 1k |\n|---|---|---|---|---|")
-    b = results["baseline"]
-    print(f"| — | baseline | {b['val']:.2f} | {b['test']:.2f} | {b['lossless']:.2f} |")
-    for criterion, row in results["criteria"].items():
-        for stage in ("after_prune", "after_recalibration", "after_finetune"):
-            r = row[stage]
-            cells = " | ".join(f"{r[s]:.2f}" for s in ("val", "test", "lossless"))
-            print(f"| {criterion} | {stage.replace('_', ' ')} | {cells} |")
-    print(f"total {results['total_seconds'] / 60:.1f} min")
+        run_grid(args)
+        print(f"total {(time.perf_counter() - t0) / 60:.1f} min")
+    print(summary(Path(args.out)))
 
 
 if __name__ == "__main__":
