@@ -1,4 +1,8 @@
-"""Export a (pruned) model to TorchScript and ONNX; the ONNX file is checked against PyTorch with onnxruntime."""
+"""Export a (pruned) model to TorchScript and ONNX in its deployment form, checked against PyTorch.
+
+Deployment form: BatchNorm folded into the conv before it (``hrank.fold`` for TorchScript; onnxruntime's
+offline optimizer at its portable "basic" level for ONNX, which folds it and drops constant subgraphs). Both
+files are reloaded and compared with the PyTorch model on a random batch."""
 
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ class ExportCheck:
     max_abs_diff: float
     output_scale: float  # max |logit| of the PyTorch output, to read the difference against
     ok: bool
+    batchnorm_left: int | None = None  # BatchNorm ops left in the saved model (None: not counted)
+    note: str = ""  # why the deployment form was not reached (e.g. the model cannot be traced to fold BN)
 
 
 def _example(model: nn.Module, input_size: tuple[int, ...], batch: int, seed: int) -> torch.Tensor:
@@ -42,15 +48,24 @@ def _tolerance(scale: float, atol: float) -> float:
 
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = (3, 32, 32),
-                       *, seed: int = 0, atol: float = ONNX_ATOL) -> ExportCheck:
-    """Trace ``model`` (eval mode) to TorchScript at ``path``, reload it and compare outputs."""
+                       *, seed: int = 0, atol: float = ONNX_ATOL, fold_bn: bool = True) -> ExportCheck:
+    """Trace ``model`` (eval mode; BatchNorm folded when ``fold_bn``) to TorchScript at ``path``, reload it and
+    compare its outputs with ``model``'s. A model torch.fx cannot trace is exported unfolded, with a note."""
+    from hrank.fold import fold_batchnorm
+
     was_training = model.training
     model.eval()
+    note, target = "", model
     try:
         x = _example(model, input_size, 2, seed)
+        if fold_bn:
+            try:
+                target = fold_batchnorm(model, x).model
+            except HRankError as e:
+                note = f"BatchNorm not folded: {e}"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, x)
+            traced = torch.jit.trace(target, x)
             atomic_save_with(path, lambda tmp: torch.jit.save(traced, tmp))
             loaded = torch.jit.load(str(path), map_location=x.device)
             x2 = _example(model, input_size, 3, seed + 1)
@@ -61,18 +76,26 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: tu
         model.train(was_training)
     diff = float((ref - got).abs().max())
     scale = float(ref.abs().max())
-    return ExportCheck(str(path), diff, scale, diff <= _tolerance(scale, atol))
+    left = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in target.modules())
+    check = ExportCheck(str(path), diff, scale, diff <= _tolerance(scale, atol), left, note)
+    if not check.ok:
+        Path(path).unlink(missing_ok=True)
+        raise HRankError(f"TorchScript output differs from PyTorch by {diff:.2e} (> {atol:g}); file not kept")
+    return check
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = (3, 32, 32), *,
-                seed: int = 0, atol: float = ONNX_ATOL, opset: int = 17) -> ExportCheck:
+                seed: int = 0, atol: float = ONNX_ATOL, opset: int = 17, optimize: bool = True) -> ExportCheck:
     """Export to ONNX with a dynamic batch axis and check it with onnxruntime on random input.
+
+    With ``optimize`` the file saved is the graph after onnxruntime's basic offline optimizations (BatchNorm
+    folded into convs, constants folded, no hardware-specific ops: it loads in any ONNX runtime).
 
     Raises HRankError when onnx/onnxruntime are missing (``pip install 'hrank[export]'``), when the export
     fails, or when the largest absolute difference to PyTorch exceeds ``atol`` (scaled for huge logits).
     """
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxruntime as ort
     except Exception:
         raise HRankError("ONNX export needs onnx and onnxruntime: pip install 'hrank[export]'") from None
@@ -87,12 +110,26 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
 
             cpu_model = copy.deepcopy(model).cpu().float()
 
-        def write(tmp: str) -> None:
+        def export_to(file: str) -> None:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
-                torch.onnx.export(cpu_model, (x,), tmp, dynamo=False, opset_version=opset,
+                torch.onnx.export(cpu_model, (x,), file, dynamo=False, opset_version=opset,
                                   input_names=["input"], output_names=["logits"],
                                   dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+        def write(tmp: str) -> None:
+            if not optimize:
+                export_to(tmp)
+                return
+            raw = tmp + ".raw.onnx"
+            try:
+                export_to(raw)
+                opts = ort.SessionOptions()
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                opts.optimized_model_filepath = tmp
+                ort.InferenceSession(raw, opts, providers=["CPUExecutionProvider"])
+            finally:
+                Path(raw).unlink(missing_ok=True)
 
         atomic_save_with(path, write)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -108,7 +145,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         model.train(was_training)
     diff = float(np.abs(ref - got).max())
     scale = float(np.abs(ref).max())
-    check = ExportCheck(str(path), diff, scale, diff <= _tolerance(scale, atol))
+    left = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
+    check = ExportCheck(str(path), diff, scale, diff <= _tolerance(scale, atol), left)
     if not check.ok:
         Path(path).unlink(missing_ok=True)
         raise HRankError(f"ONNX output differs from PyTorch by {diff:.2e} (> {atol:g}); file not kept")

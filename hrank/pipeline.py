@@ -377,8 +377,12 @@ def export_model(model: nn.Module, formats: Sequence[str], out_dir: str | os.Pat
     for fmt in formats:
         exporter = export.get(fmt)
         check = exporter.export(model, Path(out_dir) / exporter.filename, input_size)
-        info[fmt] = {"path": Path(check.path).name, "max_abs_diff": check.max_abs_diff, "ok": check.ok}
-        printer(f"exported {fmt}: {Path(check.path).name} (max |diff| vs PyTorch {check.max_abs_diff:.1e})")
+        info[fmt] = {"path": Path(check.path).name, "max_abs_diff": check.max_abs_diff, "ok": check.ok,
+                     "batchnorm_left": check.batchnorm_left}
+        bn = "" if check.batchnorm_left is None else f", {check.batchnorm_left} BatchNorm left unfolded"
+        printer(f"exported {fmt}: {Path(check.path).name} (max |diff| vs PyTorch {check.max_abs_diff:.1e}{bn})")
+        if check.note:
+            printer(f"  note: {check.note}")
     return info
 
 

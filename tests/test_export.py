@@ -69,14 +69,49 @@ def test_onnx_export_of_remapped_shortcut(tmp_path):
 
 def test_torchscript_export_roundtrip(tmp_path):
     model = _trained_like().train()
-    check = export_torchscript(model, tmp_path / "m.ts")
+    check = export_torchscript(model, tmp_path / "m.ts", fold_bn=False)
     assert check.max_abs_diff == 0.0  # the traced graph runs the same kernels: bit-identical outputs
+    assert check.batchnorm_left == 19 and check.note == ""
     assert model.training  # mode restored
     loaded = torch.jit.load(str(tmp_path / "m.ts"))
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_torchscript_export_folds_batchnorm_by_default(tmp_path):
+    model = _trained_like().train()
+    check = export_torchscript(model, tmp_path / "m.ts")
+    assert check.batchnorm_left == 0 and check.note == ""
+    assert model.training and sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 19
+    loaded = torch.jit.load(str(tmp_path / "m.ts"))
+    assert "batch_norm" not in str(loaded.inlined_graph)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        ref, got = model(x), loaded(x)
+    assert not torch.equal(ref, got)  # other arithmetic (folded weights) ...
+    assert float((got - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))  # ... same function
+
+
+def test_onnx_export_saves_the_optimized_graph_without_batchnorm(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    model = _trained_like()
+    folded = export_onnx(model, tmp_path / "opt.onnx")
+    plain = export_onnx(model, tmp_path / "plain.onnx", optimize=False)
+    ops = {name: [n.op_type for n in onnx.load(str(tmp_path / name)).graph.node] for name in ("opt.onnx", "plain.onnx")}
+    # torch's exporter folds BatchNorm into the convs in eval mode; the count is of the saved graph
+    assert ops["plain.onnx"].count("BatchNormalization") == plain.batchnorm_left == 0
+    assert ops["opt.onnx"].count("BatchNormalization") == folded.batchnorm_left == 0
+    assert ops["opt.onnx"].count("Conv") == ops["plain.onnx"].count("Conv") == 19
+    # onnxruntime's offline pass folded the constant subgraphs (shape arithmetic of the option-A shortcut)
+    assert "Constant" in ops["plain.onnx"] and "Constant" not in ops["opt.onnx"]
+    assert len(ops["opt.onnx"]) < len(ops["plain.onnx"])
+    assert folded.ok and folded.max_abs_diff <= 1e-4 * max(1.0, folded.output_scale)
+    assert not list(tmp_path.glob("*.raw.onnx"))  # the unoptimized intermediate is not left behind
 
 
 def test_onnx_missing_dependency_is_a_clear_error(tmp_path, monkeypatch):
