@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if present)")
     ap.add_argument("--onnxruntime", action="store_true",
                     help="also time dense and pruned exported to ONNX, run by onnxruntime on the CPU (hrank[export])")
+    ap.add_argument("--fold-bn", action="store_true",
+                    help="also time dense and pruned with BatchNorm folded into the convs (hrank.fold)")
     ap.add_argument("--layouts", nargs="+", choices=("nchw", "channels_last"), default=["nchw", "channels_last"],
                     help="memory formats to time, each for all three models (default: both)")
     args = ap.parse_args(argv)
@@ -93,11 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads, python {sys.version.split()[0]}; median of {args.repeats} runs "
           f"after {args.warmup} warm-up")
-    header = f"{'device':6} {'layout':13} {'batch':>5} {'model':9} {'MACs':>8} {'MAC red.':>8} {'median ms':>10} " \
+    header = f"{'device':6} {'layout':13} {'batch':>5} {'model':10} {'MACs':>8} {'MAC red.':>8} {'median ms':>10} " \
              f"{'p10-p90 ms':>15} {'speed-up':>8} {'of MAC red.':>11}"
     print(header)
     print("-" * len(header))
     named = {"dense": dense, "physical": pruned, "mask": masked}
+    if args.fold_bn:
+        from hrank.fold import fold_batchnorm
+
+        example = torch.zeros(1, *INPUT)
+        named.update({"dense+fold": fold_batchnorm(dense, example).model,
+                      "phys+fold": fold_batchnorm(pruned, example).model})
+        macs.update({"dense+fold": macs["dense"], "phys+fold": macs["physical"]})
     for device, layout in [(d, lay) for d in devices for lay in args.layouts]:
         channels_last = layout == "channels_last"
         for m in named.values():
@@ -122,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print("# 'of MAC red.' = measured speed-up / MAC reduction; goal on CPU at batch 128: >= 80% for 'physical'.")
     print("# channels_last is the layout for CPU inference: in NCHW oneDNN reorders every activation around each "
           "conv,\n# memory traffic that does not shrink with the MACs (docs/benchmarks.md).")
+    if args.fold_bn:
+        print("# +fold: BatchNorm folded into the conv before it (hrank.fold; what TorchScript export saves).")
     print("# mask mode computes the full network (zeros included): no speed-up is expected, and none is measured.")
     return 0
 
@@ -130,7 +141,7 @@ def _row(device: str, layout: str, batch: int, name: str, macs: dict[str, int], 
          p90: float, base: float) -> None:
     reduction = macs["dense"] / macs[name]
     speedup = base / median
-    print(f"{device:6} {layout:13} {batch:>5} {name:9} {flops.format_count(macs[name]):>8} {reduction:>7.2f}x "
+    print(f"{device:6} {layout:13} {batch:>5} {name:10} {flops.format_count(macs[name]):>8} {reduction:>7.2f}x "
           f"{median:>10.2f} {p10:>7.2f}-{p90:<7.2f} {speedup:>7.2f}x {100 * speedup / reduction:>10.0f}%")
 
 
