@@ -11,17 +11,21 @@ import pytest
 import torch
 from torch import nn
 
+import hrank
+from hrank import models
 from hrank.checkpoint import (
     FORMAT,
     VERSION,
     build_from_record,
     load,
+    load_state,
     model_record,
     read_record,
     save,
     state_metadata,
 )
 from hrank.errors import HRankError
+from hrank.models import external
 from hrank.plan import make_plan
 from hrank.prune import apply_plan
 
@@ -148,3 +152,163 @@ def test_read_record_refuses_other_files(tmp_path):
     torch.save({"format": FORMAT, "hrank_record": json.dumps({"a": 1}), "state_dict": [1]}, tmp_path / "e.pt")
     with pytest.raises(HRankError, match="no state_dict"):
         read_record(tmp_path / "e.pt")
+
+
+# --- survivors of the first mutation run (docs/mutation.md) ---
+
+TINY = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    """A conv classifier (no Linear: num_classes is not readable from the layers)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.a(x)))).mean((2, 3))
+
+
+def make(num_classes=3):
+    return Tiny(num_classes)
+'''
+
+
+def _tiny_ref(tmp_path) -> str:
+    (tmp_path / "tiny.py").write_text(TINY, encoding="utf-8")
+    return f"{tmp_path / 'tiny.py'}:make"
+
+
+def _same_outputs(a: nn.Module, b: nn.Module) -> bool:
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        return torch.equal(a(X), b(X))
+
+
+def test_registry_reference_rebuilds_with_the_recorded_num_classes(tmp_path):
+    ref = _tiny_ref(tmp_path)
+    model = models.create(ref, num_classes=7)  # the factory's default is 3
+    path = save(model, tmp_path / "m.pt")
+    loaded, meta = load(path)  # no builder: rebuilt from the recorded reference
+    assert meta["arch"] == ref and meta["num_classes"] == 7
+    assert loaded.head.out_channels == 7 and loaded.hrank_num_classes == 7
+    assert _same_outputs(loaded, model)
+
+
+def test_explicit_plan_arch_and_num_classes_are_what_save_records(tmp_path):
+    """A model built outside hrank.models.create whose plan attribute is gone: everything comes from save's
+    arguments, and the file still rebuilds the pruned model exactly."""
+    ref = _tiny_ref(tmp_path)
+    model = external.build(ref, 7)
+    assert not hasattr(model, "hrank_arch") and not hasattr(model, "hrank_num_classes")
+    scores = {"a": np.arange(8, dtype=float)}  # keeps filters 4..7
+    apply_plan(model.eval(), make_plan(model, scores, {"a": 0.5}, example_input=X[:1]), example_input=X[:1])
+    plan = model.hrank_plan
+    del model.hrank_plan
+    path = save(model, tmp_path / "m.pt", plan=plan, arch=ref, num_classes=7)
+    record, _ = read_record(path)
+    assert record["arch"] == ref and record["num_classes"] == 7
+    assert record["plan"] == plan.to_json() and record["plan"]["layers"]["a"] == [4, 5, 6, 7]
+    assert record["mode"] == "physical"
+    loaded, meta = load(path)
+    assert loaded.a.out_channels == 4 and loaded.head.out_channels == 7
+    assert meta["plan"].to_json() == plan.to_json()
+    assert _same_outputs(loaded, model)
+
+
+def test_model_record_prefers_the_plan_it_is_given():
+    model = Net()  # carries no plan
+    plan = make_plan(model, {"a": np.arange(8, dtype=float)}, {"a": 0.25}, example_input=X[:1])
+    record = model_record(model, plan=plan)
+    assert record["plan"] == plan.to_json() and record["plan"]["layers"]["a"] == [2, 3, 4, 5, 6, 7]
+    assert record["mode"] == "physical"
+    pruned = _pruned()  # carries another plan: the argument still wins
+    assert model_record(pruned, plan=plan)["plan"]["layers"]["a"] == [2, 3, 4, 5, 6, 7]
+
+
+def test_record_and_load_report_the_hrank_version(tmp_path):
+    model = _pruned()
+    assert model_record(model)["hrank_version"] == hrank.__version__
+    _, meta = load(save(model, tmp_path / "m.pt"), builder=Net)
+    assert meta["hrank_version"] == hrank.__version__
+
+
+def test_builder_must_make_the_recorded_arch():
+    record = model_record(_pruned(), arch="nets.zoo:small", weights=True)
+    want = _pruned()
+    plain = build_from_record(record, Net)  # a builder whose model names no arch: trusted
+    assert plain.a.out_channels == 4 and _same_outputs(plain, want)
+
+    def tagged(arch):
+        def build():
+            net = Net()
+            net.hrank_arch = arch
+            return net
+        return build
+
+    same = build_from_record(record, tagged("nets.zoo:small"))
+    assert same.a.out_channels == 4 and _same_outputs(same, want)
+    with pytest.raises(HRankError) as err:
+        build_from_record(record, tagged("nets.zoo:large"))
+    assert str(err.value) == "the file holds nets.zoo:small, the builder made nets.zoo:large"
+    unnamed = dict(record, arch=None)  # a record without arch: any builder goes
+    assert build_from_record(unnamed, tagged("nets.zoo:large")).a.out_channels == 4
+
+
+def test_unresolvable_reference_is_a_one_line_error(tmp_path):
+    missing = tmp_path / "gone.py"
+    ref = f"{missing}:make"
+    record = {"format": FORMAT, "version": VERSION, "arch": ref, "num_classes": 3}
+    with pytest.raises(HRankError) as err:
+        build_from_record(record)
+    assert str(err.value) == (f"cannot rebuild the saved model {ref!r}: no file {missing} "
+                              "(or pass builder=, a callable returning the unpruned model)")
+
+
+class Scaled(nn.Module):
+    """Version 2 added the buffer ``scale``; a state that says it is version 1 cannot hold one, and the loader
+    reports it as unexpected rather than loading it."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("scale", torch.ones(4))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if local_metadata.get("version", 2) < 2 and prefix + "scale" in state_dict:
+            unexpected_keys.append(prefix + "scale")  # not loaded: version 1 has no scale
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "scale"}
+            missing_keys = []  # the default scale stays: not missing from a version-1 state
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def test_load_state_is_strict_about_what_the_loaders_report():
+    source = Scaled()
+    with torch.no_grad():
+        source.scale.fill_(3.0)
+    state = source.state_dict()
+    meta = state_metadata(source)
+    assert meta[""]["version"] == 2
+    target = Scaled()
+    load_state(target, state, meta)
+    assert torch.equal(target.scale, torch.full((4,), 3.0))
+    stale = Scaled()
+    with pytest.raises(RuntimeError, match='Unexpected key.*"scale"'):
+        load_state(stale, state, {**meta, "": {"version": 1}})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_record_weights_are_copied_to_the_cpu():
+    model = _pruned().cuda()
+    record = model_record(model, weights=True)
+    assert all(v.device.type == "cpu" for v in record["state_dict"].values())
