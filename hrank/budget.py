@@ -196,11 +196,12 @@ def _steps(channels: int, limit: int, round_to: int, blocks: int = 1) -> list[in
 
 def _search(groups: Sequence[Group], raw: Mapping[str, Any], limits: Sequence[int], order: str,
             value: Callable[[list[int]], float], goal: float, tolerance: float,
-            round_to: int = 1) -> tuple[list[int], float]:
-    """Channels to remove per group, closest to ``goal`` when groups give them up in ``order``."""
+            round_to: int = 1, group_steps: Sequence[list[int]] | None = None) -> tuple[list[int], float]:
+    """Channels to remove per group, closest to ``goal`` when groups give them up in ``order``
+    (``group_steps``: the cumulative counts each group may stop at, instead of those of ``round_to``)."""
     events: list[tuple[float, int, int]] = []  # (key, group, channels this step removes)
     for gi, (g, limit) in enumerate(zip(groups, limits, strict=True)):
-        steps = _steps(g.channels, limit, round_to, g.blocks)
+        steps = group_steps[gi] if group_steps is not None else _steps(g.channels, limit, round_to, g.blocks)
         if order == "score":  # globally by the group's per-channel score, relative to the group's best
             member_scores = [np.asarray(raw[m], dtype=float) for m in g.members if m in raw]
             s = np.sort(np.mean(member_scores, axis=0))
@@ -246,6 +247,70 @@ def _search(groups: Sequence[Group], raw: Mapping[str, Any], limits: Sequence[in
     return best, value(best)
 
 
+@dataclass
+class _Search:
+    """What every budget search starts from: the example input, the scores, the coupled groups it may prune
+    (each at most ``limits`` channels) and the dependency graph."""
+
+    input_size: tuple[int, ...]
+    example_input: torch.Tensor
+    raw: Mapping[str, Any]
+    allowed: set[str]
+    graph: tp.DependencyGraph
+    groups: list[Group]
+    prunable: list[Group]
+    limits: list[int]
+    ignore: Sequence[str] | str | None
+
+    def spec(self, model: nn.Module, counts: Sequence[int]) -> Spec:
+        """The rates that remove ``counts[i]`` channels from group i (HRank's rule, shortest decimals)."""
+        mapping = {}
+        for g, n in zip(self.prunable, counts, strict=True):
+            rate = readable_rate(n, g.channels)
+            mapping.update({m: rate for m in g.members if m in self.allowed or m in self.raw})
+        return Spec.from_mapping(model, mapping, ignore=self.ignore or ())
+
+    def prune(self, model: nn.Module, counts: Sequence[int]) -> tuple[Spec, nn.Module]:
+        """The spec of ``counts`` and a physically pruned copy of ``model`` built from it."""
+        spec = self.spec(model, counts)
+        plan = make_plan(model, self.raw, spec, example_input=self.example_input, groups=self.groups)
+        return spec, apply_plan(copy.deepcopy(model), plan, mode="physical", example_input=self.example_input)
+
+
+def _prepare(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, input_size: tuple[int, ...] | None,
+             example_input: torch.Tensor | None, convs: Sequence[str] | None, max_rate: float, order: str,
+             ignore: Sequence[str] | str | None) -> _Search:
+    """Check the search options and find the groups a budget search may prune."""
+    if order not in ORDERS:
+        raise HRankError(f"unknown budget order {order!r}; choose {', '.join(ORDERS)}")
+    if not 0 < max_rate < 1:
+        raise HRankError(f"max_rate must be in (0, 1), got {max_rate}")
+    if getattr(model, "hrank_plan", None) is not None:
+        raise HRankError("this model is already pruned; find a budget on the unpruned model")
+    arch = getattr(model, "hrank_arch", None)
+    if input_size is None:
+        if example_input is not None:
+            input_size = tuple(example_input.shape[1:])
+        elif arch is not None:
+            input_size = models.get_spec(arch).input_size
+        else:
+            raise HRankError("pass input_size or example_input for a model outside the hrank registry")
+    if example_input is None:
+        p = next(model.parameters())
+        example_input = torch.zeros(1, *input_size, device=p.device)
+    raw = getattr(scores, "scores", scores)
+    allowed = _candidates(model, raw, convs)
+    graph = build_dependency_graph(model, example_input)
+    groups = find_groups(model, example_input, graph=graph)
+    ignored = Spec({}).without(model, ignore).ignored if ignore else frozenset()
+    prunable: list[Group] = [g for g in groups if g.prunable and any(m in allowed and m in raw for m in g.members)
+                             and not ignored.intersection(g.members)]
+    if not prunable:
+        raise HRankError("no prunable layers with scores: nothing to search over")
+    limits = [min(g.channels - 1, math.floor(max_rate * g.channels)) for g in prunable]
+    return _Search(tuple(input_size), example_input, raw, allowed, graph, groups, prunable, limits, ignore)
+
+
 def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, target: float | str,
                 metric: str = "macs", input_size: tuple[int, ...] | None = None,
                 example_input: torch.Tensor | None = None, convs: Sequence[str] | None = None,
@@ -264,28 +329,13 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
     A target that cannot be met is a one-line error naming the closest achievable count. ``ignore``: conv
     names or glob patterns left alone, with every group they are coupled into (as :meth:`Spec.without`).
     """
-    if order not in ORDERS:
-        raise HRankError(f"unknown budget order {order!r}; choose {', '.join(ORDERS)}")
     if metric not in ("macs", "params"):
         raise HRankError(f"unknown budget metric {metric!r}; choose macs or params")
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise HRankError(f"round_to must be a positive integer, got {round_to!r}")
-    if not 0 < max_rate < 1:
-        raise HRankError(f"max_rate must be in (0, 1), got {max_rate}")
-    if getattr(model, "hrank_plan", None) is not None:
-        raise HRankError("this model is already pruned; find a budget on the unpruned model")
-    arch = getattr(model, "hrank_arch", None)
-    if input_size is None:
-        if example_input is not None:
-            input_size = tuple(example_input.shape[1:])
-        elif arch is not None:
-            input_size = models.get_spec(arch).input_size
-        else:
-            raise HRankError("pass input_size or example_input for a model outside the hrank registry")
-    if example_input is None:
-        p = next(model.parameters())
-        example_input = torch.zeros(1, *input_size, device=p.device)
-    raw = getattr(scores, "scores", scores)
+    search = _prepare(model, scores, input_size=input_size, example_input=example_input, convs=convs,
+                      max_rate=max_rate, order=order, ignore=ignore)
+    input_size, raw, graph, prunable = search.input_size, search.raw, search.graph, search.prunable
     base = flops.count(model, input_size)
     baseline = float(base.macs if metric == "macs" else base.params)
     goal = parse_target(target)
@@ -293,18 +343,9 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
     if goal > baseline:
         raise HRankError(f"target {flops.format_count(goal)} {metric} exceeds the unpruned model's "
                          f"{flops.format_count(baseline)}")
-
-    allowed = _candidates(model, raw, convs)
-    graph = build_dependency_graph(model, example_input)
-    groups = find_groups(model, example_input, graph=graph)
-    ignored = Spec({}).without(model, ignore).ignored if ignore else frozenset()
-    prunable: list[Group] = [g for g in groups if g.prunable and any(m in allowed and m in raw for m in g.members)
-                             and not ignored.intersection(g.members)]
-    if not prunable:
-        raise HRankError("no prunable layers with scores: nothing to search over")
     cost = _CostModel(model, graph, prunable, input_size)
     which = 0 if metric == "macs" else 1
-    limits = [min(g.channels - 1, math.floor(max_rate * g.channels)) for g in prunable]
+    limits = search.limits
 
     def value(counts: list[int]) -> float:
         return float(cost(counts)[which])
@@ -334,13 +375,7 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
     if abs(predicted - goal) > tolerance * goal:
         raise HRankError(f"no rates within {tolerance:.0%} of {flops.format_count(goal)} {metric}; the closest "
                          f"is {flops.format_count(predicted)}")
-    mapping = {}
-    for g, n in zip(prunable, counts, strict=True):
-        rate = readable_rate(n, g.channels)
-        mapping.update({m: rate for m in g.members if m in allowed or m in raw})
-    spec = Spec.from_mapping(model, mapping, ignore=ignore or ())
-    plan = make_plan(model, raw, spec, example_input=example_input, groups=groups)
-    pruned = apply_plan(copy.deepcopy(model), plan, mode="physical", example_input=example_input)
+    spec, pruned = search.prune(model, counts)
     real = flops.count(pruned, input_size)
     achieved = float(real.macs if metric == "macs" else real.params)
     if progress:

@@ -147,19 +147,20 @@ class RateOptions:
     ignore: Sequence[str] | str | None = None  # glob patterns of convs to leave alone
     target_macs: float | int | str | None = None
     target_params: float | int | str | None = None
+    target_latency: float | None = None  # fraction of the dense model's latency measured with ``latency``
+    latency: Any = None  # hrank.latency.LatencySetup (default: torch, batch 1, channels_last)
+    latency_cache: str | os.PathLike | None = None  # folder of the per-layer latency tables
     max_rate: float = 0.9
     budget_order: str = "coupled"
     round_to: int = 8
 
     @property
     def target(self) -> tuple[str, Any] | None:
-        if self.target_macs is not None and self.target_params is not None:
-            raise HRankError("give a MACs target or a params target, not both")
-        if self.target_macs is not None:
-            return "macs", self.target_macs
-        if self.target_params is not None:
-            return "params", self.target_params
-        return None
+        given = [(k, v) for k, v in (("macs", self.target_macs), ("params", self.target_params),
+                                     ("latency", self.target_latency)) if v is not None]
+        if len(given) > 1:
+            raise HRankError("give one target: MACs, params or latency")
+        return given[0] if given else None
 
     def ignore_list(self) -> list[str]:
         if not self.ignore:
@@ -218,6 +219,13 @@ def build_spec(model: nn.Module, rates: RateOptions, scores: Ranks | Mapping[str
     from hrank.budget import find_budget
 
     metric, value = target
+    if metric == "latency":
+        from hrank.latency import find_latency_budget
+
+        result = find_latency_budget(model, scores, target=value, setup=rates.latency, max_rate=rates.max_rate,
+                                     order=rates.budget_order, ignore=rates.ignore_list() or None,
+                                     cache_dir=rates.latency_cache, progress=progress)
+        return SpecResult(result.spec, result)
     result = find_budget(model, scores, target=value, metric=metric, max_rate=rates.max_rate,
                          order=rates.budget_order, round_to=rates.round_to, progress=progress,
                          ignore=rates.ignore_list() or None)
@@ -232,6 +240,12 @@ def check_rates(model: nn.Module, rates: RateOptions) -> None:
     target = rates.target
     if target is None:
         rates_spec(model, rates)
+        return
+    if target[0] == "latency":  # measuring is the search itself: check the options only
+        from hrank.latency import LatencySetup, check_target
+
+        check_target(target[1])
+        (rates.latency or LatencySetup()).check()
         return
     parse_target(target[1])
     build_spec(model, rates, criteria.l1_scores(model))

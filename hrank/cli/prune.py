@@ -60,6 +60,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="instead of rates: find rates that keep this many MACs on the real pruned network, "
                           "a fraction (0.5) or a count (62M)")
     src.add_argument("--target-params", default=None, help="as --target-macs, for parameters")
+    src.add_argument("--target-latency", type=finite_float, default=None,
+                     help="instead of rates: find rates whose pruned model runs in this fraction of the dense "
+                          "model's latency, measured on this machine (--latency-*; hrank.latency)")
+    src.add_argument("--latency-runtime", default="torch", choices=["torch", "onnxruntime"],
+                     help="runtime the latency target is measured on (default %(default)s)")
+    src.add_argument("--latency-batch", type=POSITIVE_INT, default=1,
+                     help="batch size of the latency target (default %(default)s)")
+    src.add_argument("--latency-layout", default="channels_last", choices=["channels_last", "nchw"],
+                     help="memory format of the torch runtime (default %(default)s)")
+    src.add_argument("--latency-threads", type=POSITIVE_INT, default=None,
+                     help="CPU threads of the latency target (default: torch's)")
+    src.add_argument("--latency-cache", default=None,
+                     help="folder of the per-layer latency tables (default: $HRANK_CACHE or ~/.cache/hrank)")
     src.add_argument("--max-rate", type=finite_float, default=0.9,
                      help="largest rate a budget search may give one group (default %(default)s)")
     src.add_argument("--budget-order", default=ORDER_DEFAULT, choices=ORDERS,
@@ -115,9 +128,18 @@ def _scores(args: argparse.Namespace, model: nn.Module) -> Any:
     return pipeline.load_scores(args.ranks, model, args.model)
 
 
-def _rate_options(args: argparse.Namespace) -> pipeline.RateOptions:
+def _rate_options(args: argparse.Namespace, device: Any = None) -> pipeline.RateOptions:
+    latency, cache = None, None
+    if args.target_latency is not None:
+        from hrank.latency import LatencySetup
+
+        latency = LatencySetup(runtime=args.latency_runtime, batch_size=args.latency_batch,
+                               layout=args.latency_layout, threads=args.latency_threads,
+                               device=str(device) if device is not None and args.latency_runtime == "torch" else "cpu")
+        cache = args.latency_cache or Path(os.environ.get("HRANK_CACHE") or Path.home() / ".cache" / "hrank")
     return pipeline.RateOptions(compress_rate=args.compress_rate, rates=args.rates, rates_file=args.rates_file,
                                 ignore=args.ignore, target_macs=args.target_macs, target_params=args.target_params,
+                                target_latency=args.target_latency, latency=latency, latency_cache=cache,
                                 max_rate=args.max_rate, budget_order=args.budget_order, round_to=args.round_to)
 
 
@@ -163,12 +185,13 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args.out, force=args.force, is_dir=True, what="output")
     if args.plan and (args.ranks or args.compress_rate or args.rates_file or args.rates or args.independent):
         raise HRankError("--plan replaces --ranks/--compress-rate/--rates-file/--rates/--independent; give one way")
-    target = args.target_macs if args.target_macs is not None else args.target_params
-    if args.target_macs is not None and args.target_params is not None:
-        raise HRankError("give --target-macs or --target-params, not both")
+    targets = [t for t in (args.target_macs, args.target_params, args.target_latency) if t is not None]
+    if len(targets) > 1:
+        raise HRankError("give one of --target-macs, --target-params and --target-latency")
+    target = targets[0] if targets else None
     if target is not None and (args.plan or args.compress_rate or args.rates_file or args.rates or args.independent):
-        raise HRankError("a budget (--target-macs/--target-params) replaces --plan/--compress-rate/--rates-file/"
-                         "--rates/--independent; give one way")
+        raise HRankError("a budget (--target-macs/--target-params/--target-latency) replaces --plan/--compress-rate/"
+                         "--rates-file/--rates/--independent; give one way")
     if args.independent and args.mode == "physical":
         raise HRankError("--independent plans ignore coupling and are only valid with --mode mask")
     device = resolve_device(args.device)
@@ -184,7 +207,9 @@ def run(args: argparse.Namespace) -> int:
         if plan.arch and plan.arch != args.model:
             raise HRankError(f"the plan is for {plan.arch}, but --model is {args.model}")
     else:
-        rates = _rate_options(args)
+        rates = _rate_options(args, device)
+        if args.target_latency is not None:
+            pipeline.check_rates(model, rates)  # a bad latency setup fails before the scores are read
         if target is None:
             pipeline.rates_spec(model, rates)  # bad rates fail before the ranks are read
         scores = _scores(args, model)

@@ -1,0 +1,470 @@
+"""Latency budgets: per-layer widths searched on latency measured on the deployment runtime, not on MACs.
+
+Half the MACs is not half the time (docs/benchmarks.md). As NetAdapt does, every conv/linear layer is timed
+alone, as deployed (BatchNorm folded, the runtime, batch size, layout and threads of the target), at each
+(input width, output width) the search asks about; the table is cached per machine and setup. A network's
+latency is predicted as the sum of its layers' times plus the rest of the dense model's measured time (ReLU,
+additions, pooling, framework overhead) scaled with the activation volume. Each coupled group may stop only at
+widths that are faster than every wider width of it (so the widths kernels run well come from the
+measurement, not from a fixed multiple). The search then runs the budget search's bisection on the prediction,
+prunes a copy physically, measures it end to end against the dense model in alternation, and corrects the
+goal by the measured error until the measured ratio is within the tolerance (or the rounds are spent; the
+closest is kept and the report says how far off it is).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from hrank import flops
+from hrank.errors import HRankError
+from hrank.io import atomic_write_json
+
+RUNTIMES = ("torch", "onnxruntime")
+LAYOUTS = ("channels_last", "nchw")
+TOLERANCE = 0.1  # measured latency within 10% of the target
+ROUNDS = 4  # search + end-to-end measurement rounds at most
+
+
+@dataclass(frozen=True)
+class LatencySetup:
+    """Where the pruned model will run: runtime, batch size, memory layout (torch), CPU threads, device."""
+
+    runtime: str = "torch"
+    batch_size: int = 1
+    layout: str = "channels_last"
+    threads: int | None = None  # None: the runtime's default (torch.get_num_threads())
+    device: str = "cpu"
+    repeats: int = 15  # timed runs per measurement (median)
+    warmup: int = 3
+
+    def check(self) -> LatencySetup:
+        if self.runtime not in RUNTIMES:
+            raise HRankError(f"unknown latency runtime {self.runtime!r}; choose {', '.join(RUNTIMES)}")
+        if self.layout not in LAYOUTS:
+            raise HRankError(f"unknown layout {self.layout!r}; choose {', '.join(LAYOUTS)}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise HRankError(f"latency batch size must be a positive integer, got {self.batch_size!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise HRankError(f"latency threads must be a positive integer, got {self.threads!r}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise HRankError("latency repeats must be >= 1 and warm-up >= 0")
+        if self.runtime == "onnxruntime" and self.device != "cpu":
+            raise HRankError("the onnxruntime latency runtime runs on the CPU; use --latency-runtime torch for CUDA")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise HRankError("latency on CUDA was asked for but no CUDA device is available")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """What a cached table depends on: the setup, the machine and the software that runs it."""
+        ident: dict[str, Any] = {k: v for k, v in asdict(self).items() if k not in ("repeats", "warmup")}
+        ident["threads"] = self.threads or torch.get_num_threads()
+        ident.update(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
+                     torch=torch.__version__)
+        if self.runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            ident["onnxruntime"] = ort.__version__
+        if self.device.startswith("cuda"):
+            ident["gpu"] = torch.cuda.get_device_name(torch.device(self.device))
+        return ident
+
+
+class Runtime(Protocol):
+    """Prepares a module for timing: returns a callable that runs one forward pass to completion."""
+
+    setup: LatencySetup
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[], None]: ...
+
+    def times(self, run: Callable[[], None], repeats: int, warmup: int) -> list[float]: ...
+
+
+class _Threads:
+    """Run with ``n`` torch threads, restoring the previous number."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.old)
+
+
+class _Timed:
+    def times(self, run: Callable[[], None], repeats: int, warmup: int) -> list[float]:
+        return time_runs(run, self.setup, repeats, warmup)
+
+
+class TorchRuntime(_Timed):
+    """Eager PyTorch in eval mode under ``inference_mode``, in the setup's layout; CUDA synchronised."""
+
+    def __init__(self, setup: LatencySetup) -> None:
+        self.setup = setup
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+        dev = torch.device(self.setup.device)
+        module = module.eval().to(dev)
+        x = x.to(dev)
+        if self.setup.layout == "channels_last" and x.dim() == 4:
+            module = module.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def run() -> None:
+            with torch.inference_mode():
+                module(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        return run
+
+
+class OnnxRuntime(_Timed):
+    """The module exported to ONNX and run by onnxruntime on the CPU (all graph optimizations on)."""
+
+    def __init__(self, setup: LatencySetup) -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except Exception:
+            raise HRankError("latency on onnxruntime needs onnx and onnxruntime: pip install 'hrank[export]'") \
+                from None
+        self.setup = setup
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+        import contextlib
+        import warnings
+
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval().cpu(), (x.cpu(),), buf, dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["output"])
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = self.setup.threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        feed = {"input": x.detach().cpu().numpy()}
+        return lambda: sess.run(None, feed)
+
+
+def time_runs(run: Callable[[], None], setup: LatencySetup, repeats: int, warmup: int) -> list[float]:
+    """Milliseconds of ``repeats`` timed calls of ``run`` after ``warmup`` untimed ones, with the setup's
+    torch threads."""
+    out: list[float] = []
+    with _Threads(setup.threads):
+        for _ in range(warmup):
+            run()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def make_runtime(setup: LatencySetup) -> TorchRuntime | OnnxRuntime:
+    setup.check()
+    return TorchRuntime(setup) if setup.runtime == "torch" else OnnxRuntime(setup)
+
+
+# -- the per-layer table --------------------------------------------------------------------------------------
+
+def _resized(m: nn.Module, cin: int, cout: int) -> nn.Module:
+    """A layer like ``m`` with ``cin`` inputs and ``cout`` outputs, with a bias (BatchNorm folded into it)."""
+    if isinstance(m, nn.Linear):
+        return nn.Linear(cin, cout)
+    if isinstance(m, nn.modules.conv._ConvNd):
+        depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
+        groups = cout if depthwise else m.groups
+        if not depthwise and (cin % groups or cout % groups):
+            groups = int(np.gcd(cin, cout))
+        kw = dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                  groups=groups, bias=True, padding_mode=m.padding_mode)
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            return type(m)(cin, cout, output_padding=m.output_padding, **kw)
+        return type(m)(cin, cout, **kw)
+    raise HRankError(f"no latency table for a {type(m).__name__} layer")
+
+
+@dataclass
+class LayerTable:
+    """Milliseconds of single layers at given widths, measured on demand and kept (and cached on disk)."""
+
+    setup: LatencySetup
+    runtime: Runtime
+    path: Path | None = None
+    entries: dict[str, float] = field(default_factory=dict)
+    measured: int = 0  # measurements made in this process (the rest came from the cache)
+
+    @classmethod
+    def open(cls, setup: LatencySetup, cache_dir: str | os.PathLike | None = None,
+             runtime: Runtime | None = None) -> LayerTable:
+        """A table for ``setup``; with ``cache_dir``, loaded from (and later saved to) the file for this setup
+        and machine."""
+        runtime = runtime or make_runtime(setup)
+        path = None
+        if cache_dir is not None:
+            ident = json.dumps(setup.identity(), sort_keys=True)
+            path = Path(cache_dir) / f"latency-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+        table = cls(setup, runtime, path)
+        if path is not None and path.exists():
+            try:
+                data = json.loads(path.read_text())
+                if data.get("identity") == setup.identity():
+                    table.entries = {k: float(v) for k, v in data["entries"].items()}
+            except (OSError, ValueError, KeyError, TypeError):
+                table.entries = {}  # a damaged cache is measured again, never trusted
+        return table
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {"identity": self.setup.identity(), "entries": self.entries})
+
+    def layer_ms(self, m: nn.Module, in_shape: Sequence[int], cin: int, cout: int) -> float:
+        """Milliseconds of a layer like ``m`` reading ``cin`` channels and writing ``cout``, on an input of
+        ``in_shape`` (one sample; the batch is the setup's)."""
+        spatial = tuple(int(d) for d in in_shape[1:]) if not isinstance(m, nn.Linear) else \
+            tuple(int(d) for d in in_shape[:-1])
+        key = f"{type(m).__name__}|{m!r}|{spatial}|{cin}x{cout}"
+        if key not in self.entries:
+            layer = _resized(m, cin, cout)
+            shape = (self.setup.batch_size, cin, *spatial) if not isinstance(m, nn.Linear) else \
+                (self.setup.batch_size, *spatial, cin)
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+            run = self.runtime.prepare(layer, x)
+            self.entries[key] = statistics.median(self.runtime.times(run, self.setup.repeats, self.setup.warmup))
+            self.measured += 1
+        return self.entries[key]
+
+
+class LatencyModel:
+    """Predicted latency of the physically pruned network as a function of channels removed per group."""
+
+    def __init__(self, model: nn.Module, cost: Any, input_size: tuple[int, ...], table: LayerTable,
+                 dense_ms: float) -> None:
+        from hrank.flops import _trace_layers
+
+        self.cost, self.table = cost, table
+        self.calls = [(m, tuple(in_shape[1:]), tuple(out_shape[1:]))
+                      for _, m, in_shape, out_shape in _trace_layers(model, input_size)]
+        if len(self.calls) != len(cost.layers):
+            raise HRankError("internal: the latency model and the cost model see different layers")
+        self.dense_ms = dense_ms
+        dense = [0] * len(cost.effects)
+        self.layers_dense = self._layers_ms(dense)
+        self.act_dense = self._activations(dense)
+        self.rest_ms = dense_ms - self.layers_dense  # ReLU, additions, pooling, overhead
+        self.scale = 1.0 if self.rest_ms >= 0 else dense_ms / self.layers_dense
+
+    def widths(self, counts: Sequence[int]) -> list[tuple[int, int]]:
+        """(input channels, output channels) of every layer call after removing ``counts`` per group."""
+        removed_out = [0] * len(self.cost.layers)
+        removed_in = [0] * len(self.cost.layers)
+        for k, effect in zip(counts, self.cost.effects, strict=True):
+            for i, out_per, in_per in effect:
+                removed_out[i] += out_per * k
+                removed_in[i] += in_per * k
+        out = []
+        for (cin, cout, _, _, _, depthwise, _), r_out, r_in in zip(self.cost.layers, removed_out, removed_in,
+                                                                     strict=True):
+            width_out = cout - r_out
+            out.append((width_out if depthwise else cin - r_in, width_out))
+        return out
+
+    def _layers_ms(self, counts: Sequence[int]) -> float:
+        return sum(self.table.layer_ms(m, in_shape, cin, cout)
+                   for (m, in_shape, _), (cin, cout) in zip(self.calls, self.widths(counts), strict=True))
+
+    def _activations(self, counts: Sequence[int]) -> float:
+        return float(sum(cout * int(np.prod(out_shape[1:])) if len(out_shape) > 1 else cout
+                         for (_, _, out_shape), (_, cout) in zip(self.calls, self.widths(counts), strict=True)))
+
+    def __call__(self, counts: Sequence[int]) -> float:
+        layers = self._layers_ms(counts)
+        if self.rest_ms < 0:
+            return layers * self.scale
+        return layers + self.rest_ms * self._activations(counts) / max(self.act_dense, 1.0)
+
+
+def deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of the model as it runs when deployed: BatchNorm folded where the fold is exact (a model torch.fx
+    cannot trace is copied unfolded). The caller's model is not changed."""
+    from hrank.fold import fold_batchnorm
+
+    try:
+        return fold_batchnorm(model, example).model
+    except HRankError:
+        return copy.deepcopy(model).eval()
+
+
+def compare_end_to_end(models: Mapping[str, nn.Module], example: torch.Tensor, runtime: Runtime, *,
+                       rounds: int = 5) -> dict[str, float]:
+    """Median milliseconds of each model on ``example``, timed in alternation over ``rounds`` (a change of
+    the machine's load hits every model alike)."""
+    runs = {name: runtime.prepare(m, example) for name, m in models.items()}
+    per_round = max(1, runtime.setup.repeats // rounds)
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(rounds):
+        for name, run in runs.items():
+            samples[name] += runtime.times(run, per_round, runtime.setup.warmup if i == 0 else 1)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+@dataclass
+class LatencyBudgetResult:
+    """The spec found for a latency target, and what the pruned network measures against the dense one."""
+
+    spec: Any  # hrank.spec.Spec
+    target: float  # fraction of the dense latency asked for
+    measured: float  # measured fraction (pruned / dense median, timed in alternation)
+    dense_ms: float
+    pruned_ms: float
+    predicted_ms: float
+    macs: int
+    params: int
+    dense_macs: int
+    rounds: int
+    setup: LatencySetup
+    group_pruned: dict[str, int] = field(default_factory=dict)
+    table_measured: int = 0
+    table_size: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    metric = "latency"
+
+    @property
+    def error(self) -> float:
+        return abs(self.measured - self.target) / self.target
+
+    def describe(self) -> str:
+        s = self.setup
+        return (f"{self.pruned_ms:.2f} ms vs {self.dense_ms:.2f} ms dense = {self.measured:.1%} of the dense "
+                f"latency (target {self.target:.0%}, off by {self.error:.1%}; {s.runtime}, batch {s.batch_size}"
+                f"{', ' + s.layout if s.runtime == 'torch' else ''}), {flops.format_count(self.macs)} MACs "
+                f"({self.macs / self.dense_macs:.1%})")
+
+    def hrank_string(self) -> str | None:
+        try:
+            return self.spec.to_hrank_string()
+        except HRankError:
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": "latency", "target": self.target, "measured": self.measured, "error": self.error,
+                "dense_ms": self.dense_ms, "pruned_ms": self.pruned_ms, "predicted_ms": self.predicted_ms,
+                "macs": self.macs, "params": self.params, "dense_macs": self.dense_macs, "rounds": self.rounds,
+                "setup": asdict(self.setup), "table_measured": self.table_measured, "table_size": self.table_size,
+                "history": self.history, "compress_rate": self.hrank_string(), "rates": dict(self.spec.rates)}
+
+
+def _record_steps(model_ms: Callable[[list[int]], float], n_groups: int, gi: int, limit: int, blocks: int,
+                  dense_ms: float) -> list[int]:
+    """The cuts of group ``gi`` (others whole) that are faster than every smaller cut: the widths worth
+    stopping at, as measured."""
+    best, steps = dense_ms, []
+    for k in range(blocks, limit + 1, blocks):
+        counts = [0] * n_groups
+        counts[gi] = k
+        ms = model_ms(counts)
+        if ms < best:
+            best = ms
+            steps.append(k)
+    return steps
+
+
+def check_target(target: Any) -> float:
+    """A latency target as a fraction in (0, 1) of the dense latency, or a one-line error."""
+    try:
+        value = float(target)
+    except (TypeError, ValueError):
+        raise HRankError(f"a latency target is a fraction of the dense latency, got {target!r}") from None
+    if not 0 < value < 1:
+        raise HRankError(f"a latency target is a fraction of the dense latency in (0, 1), got {target!r}")
+    return value
+
+
+def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, target: float,
+                        setup: LatencySetup | None = None, input_size: tuple[int, ...] | None = None,
+                        example_input: torch.Tensor | None = None, convs: Sequence[str] | None = None,
+                        max_rate: float = 0.9, tolerance: float = TOLERANCE, order: str = "coupled",
+                        ignore: Sequence[str] | str | None = None, cache_dir: str | os.PathLike | None = None,
+                        rounds: int = ROUNDS, runtime: Runtime | None = None,
+                        progress: Callable[[str], None] | None = None) -> LatencyBudgetResult:
+    """Rates whose physically pruned, deployed network runs in ``target`` x the dense model's latency.
+
+    ``target`` is a fraction in (0, 1) of the dense latency measured with ``setup`` (runtime, batch, layout,
+    threads). ``scores``, ``convs``, ``max_rate``, ``order`` and ``ignore`` are as in
+    :func:`hrank.budget.find_budget`. The per-layer table is cached in ``cache_dir`` (per machine and setup).
+    Returns the closest of at most ``rounds`` search-and-measure rounds; its ``measured`` ratio is a real
+    end-to-end measurement, and the result says how far it is from the target.
+    """
+    from hrank.budget import _CostModel, _prepare, _search
+
+    target = check_target(target)
+    if not 0 < tolerance < 1:
+        raise HRankError(f"tolerance must be in (0, 1), got {tolerance!r}")
+    setup = (setup or LatencySetup()).check()
+    search = _prepare(model, scores, input_size=input_size, example_input=example_input, convs=convs,
+                      max_rate=max_rate, order=order, ignore=ignore)
+    say = progress or (lambda _: None)
+    table = LayerTable.open(setup, cache_dir, runtime)
+    x = torch.randn(setup.batch_size, *search.input_size, generator=torch.Generator().manual_seed(0))
+    dense_model = deployed(model, x[:1].to(next(model.parameters()).device)).cpu()
+    dense_ms = compare_end_to_end({"dense": dense_model}, x, table.runtime)["dense"]
+    cost = _CostModel(model, search.graph, search.prunable, search.input_size)
+    predict = LatencyModel(model, cost, search.input_size, table, dense_ms)
+    say(f"dense model: {dense_ms:.3f} ms at batch {setup.batch_size} on {setup.runtime}; measuring layer widths")
+    steps = [_record_steps(predict, len(search.prunable), gi, lim, g.blocks, predict([0] * len(search.prunable)))
+             for gi, (g, lim) in enumerate(zip(search.prunable, search.limits, strict=True))]
+    limits = [max(s, default=0) for s in steps]
+    table.save()
+    floor = predict(limits)
+    if floor > target * dense_ms * (1 + tolerance):
+        raise HRankError(f"latency target {target:.0%} cannot be met with max_rate {max_rate:g}: the smallest "
+                         f"network is predicted at {floor / dense_ms:.0%} of the dense latency")
+    goal = target * dense_ms
+    best: tuple[float, Any] | None = None
+    history: list[dict[str, float]] = []
+    for r in range(1, rounds + 1):
+        counts, predicted = _search(search.prunable, search.raw, limits, order, predict, goal, 0.01,
+                                    group_steps=steps)
+        spec, pruned = search.prune(model, counts)
+        pruned_model = deployed(pruned.cpu(), x[:1])
+        measured = compare_end_to_end({"dense": dense_model, "pruned": pruned_model}, x, table.runtime)
+        ratio = measured["pruned"] / measured["dense"]
+        history.append({"goal_ms": goal, "predicted_ms": predicted, "dense_ms": measured["dense"],
+                        "pruned_ms": measured["pruned"], "ratio": ratio})
+        say(f"round {r}: predicted {predicted / dense_ms:.1%}, measured {ratio:.1%} of the dense latency")
+        if best is None or abs(ratio - target) < abs(best[0] - target):
+            best = (ratio, (counts, spec, pruned, measured, predicted, r))
+        if abs(ratio - target) <= tolerance * target:
+            break
+        goal = goal * target / ratio  # correct the prediction's error as measured
+    table.save()
+    assert best is not None
+    ratio, (counts, spec, pruned, measured, predicted, r) = best
+    real = flops.count(pruned, search.input_size)
+    dense_macs = flops.count(model, search.input_size).macs
+    return LatencyBudgetResult(spec, target, ratio, measured["dense"], measured["pruned"], predicted, real.macs,
+                               real.params, dense_macs, r, setup,
+                               {g.members[0]: n for g, n in zip(search.prunable, counts, strict=True)},
+                               table.measured, len(table.entries), history)
