@@ -99,6 +99,13 @@ KEYS: dict[str, Key] = {
     "target_macs": Key((float, int, str, type(None)), None, "find rates that keep this many MACs: a fraction "
                                                             "of the baseline (0.5) or a count (62M)"),
     "target_params": Key((float, int, str, type(None)), None, "as target_macs, for parameters"),
+    "target_latency": Key((float, type(None)), None, "find rates whose pruned, BN-folded model runs in this fraction "
+                                                     "of the dense model's latency measured on this machine "
+                                                     "(latency_runtime, latency_target_batch, latency_layout)"),
+    "latency_runtime": Key((str,), "torch", "runtime a latency target is measured on", ("torch", "onnxruntime")),
+    "latency_target_batch": Key((int,), 1, "batch size a latency target is measured at"),
+    "latency_threads": Key((int, type(None)), None, "CPU threads a latency target is measured with (default: "
+                                                    "torch's)"),
     "max_rate": Key((float,), 0.9, "largest rate a budget search may give one group"),
     "budget_order": Key((str,), "coupled", "order in which a budget search takes channels: coupled (shared "
                                            "streams pruned more slowly), uniform (same rate everywhere) or score",
@@ -198,15 +205,21 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                 cfg[key] = value
     if not cfg["model"]:
         raise HRankError("config key 'model' is required (e.g. model: resnet_56)")
-    chosen = [k for k in ("compress_rate", "rates", "target_macs", "target_params") if cfg[k] is not None]
+    chosen = [k for k in ("compress_rate", "rates", "target_macs", "target_params", "target_latency")
+              if cfg[k] is not None]
     if not chosen:
-        raise HRankError("say how much to prune: compress_rate, rates, target_macs or target_params")
-    if "target_macs" in chosen and "target_params" in chosen:
-        raise HRankError("give target_macs or target_params, not both")
+        raise HRankError("say how much to prune: compress_rate, rates, target_macs, target_params or target_latency")
+    if sum(k.startswith("target") for k in chosen) > 1:
+        raise HRankError("give one target: target_macs, target_params or target_latency")
     if any(k.startswith("target") for k in chosen) and ("compress_rate" in chosen or "rates" in chosen):
-        raise HRankError("a budget (target_macs/target_params) replaces compress_rate/rates: give one or the other")
+        raise HRankError("a budget (target_macs/target_params/target_latency) replaces compress_rate/rates: give one "
+                         "or the other")
+    if cfg["target_latency"] is not None and not 0 < cfg["target_latency"] < 1:
+        raise HRankError(f"target_latency is a fraction of the dense latency in (0, 1), got {cfg['target_latency']}")
+    if cfg["latency_threads"] is not None and cfg["latency_threads"] < 1:
+        raise HRankError(f"config key 'latency_threads' must be >= 1, got {cfg['latency_threads']}")
     for key in ("rank_images", "rank_batch_size", "recalibrate_images", "latency_batch", "round_to", "image_size",
-                "resize_size"):
+                "resize_size", "latency_target_batch"):
         if cfg[key] < 1:
             raise HRankError(f"config key {key!r} must be >= 1, got {cfg[key]}")
     for key in ("train_subset", "test_subset", "num_classes"):

@@ -60,10 +60,20 @@ def _file_id(path: str | None) -> Any:
     return [str(p.resolve()), st.st_size if p.is_file() else None, int(st.st_mtime)]
 
 
-def rate_options(cfg: dict[str, Any]) -> pipeline.RateOptions:
-    """The config's rate keys as the pipeline's ``RateOptions``."""
+def rate_options(cfg: dict[str, Any], device: torch.device | None = None) -> pipeline.RateOptions:
+    """The config's rate keys as the pipeline's ``RateOptions`` (a latency target is measured on ``device``
+    with the torch runtime)."""
+    latency = cache = None
+    if cfg["target_latency"] is not None:
+        from hrank.latency import LatencySetup
+
+        on = str(device) if device is not None and cfg["latency_runtime"] == "torch" else "cpu"
+        latency = LatencySetup(runtime=cfg["latency_runtime"], batch_size=cfg["latency_target_batch"],
+                               layout=cfg["latency_layout"], threads=cfg["latency_threads"], device=on)
+        cache = Path(os.environ.get("HRANK_CACHE") or Path.home() / ".cache" / "hrank")
     return pipeline.RateOptions(compress_rate=cfg["compress_rate"], rates=cfg["rates"], ignore=cfg["ignore"],
                                 target_macs=cfg["target_macs"], target_params=cfg["target_params"],
+                                target_latency=cfg["target_latency"], latency=latency, latency_cache=cache,
                                 max_rate=cfg["max_rate"], budget_order=cfg["budget_order"], round_to=cfg["round_to"])
 
 
@@ -129,8 +139,10 @@ class Run:
                       [c["baseline"], c["train_subset"]] if not c["checkpoint"] else None])
         scores = _hash([base, c["criterion"], _file_id(c["ranks"]), c["rank_images"], c["rank_batch_size"],
                         c["rank_augment"]])
+        latency = [c["target_latency"], c["latency_runtime"], c["latency_target_batch"], c["latency_layout"],
+                   c["latency_threads"]] if c["target_latency"] is not None else []
         spec = _hash([scores, c["compress_rate"], c["rates"], c["target_macs"], c["target_params"], c["max_rate"],
-                      c["budget_order"], c["round_to"]] + ([c["ignore"]] if c["ignore"] else []))
+                      c["budget_order"], c["round_to"]] + ([c["ignore"]] if c["ignore"] else []) + latency)
         plan = _hash([spec, c["coupling"], c["width_rule"]])
         prune = _hash([plan, c["mode"], c["recalibrate"], c["recalibrate_images"]])
         finetune = _hash([prune, c["finetune"], c["select_on_test"], c["train_subset"]])
@@ -359,14 +371,22 @@ class Run:
         c = self.cfg
         model, _ = self._baseline_model()
         scores = Ranks.load(self.dir / "scores.npz", model=model)
-        result = pipeline.build_spec(model, rate_options(c), scores, progress=self.print)
-        info = result.to_json()
-        if result.budget is not None:
-            self.print(f"budget: {result.budget.describe()}")
-            self.print(f"rates found: {info['compress_rate']}" if info["compress_rate"] else
-                       "rates found: see spec.json")
-        for note in result.spec.notes:
-            self.print(f"note: {note}")
+        rates = rate_options(c, self.device)
+
+        def build() -> dict:
+            result = pipeline.build_spec(model, rates, scores, progress=self.print)
+            info = result.to_json()
+            if result.budget is not None:
+                self.print(f"budget: {result.budget.describe()}")
+                self.print(f"rates found: {info['compress_rate']}" if info["compress_rate"] else
+                           "rates found: see spec.json")
+            for note in result.spec.notes:
+                self.print(f"note: {note}")
+            return info
+
+        # a latency target is timed by rank 0 alone: processes timing at once would disturb each other and
+        # disagree; the others read spec.json when it is written
+        info = on_main(build, self.dist) if c["target_latency"] is not None else build()
 
         def write() -> None:
             atomic_write_json(self.dir / "spec.json", info)
@@ -531,7 +551,13 @@ class Run:
             facts["speed-up"] = (f"{speedup:.2f}x at batch {final.get('latency_batch')} on "
                                  f"{final.get('latency_device')}, {final.get('latency_layout', 'nchw')} "
                                  f"(MAC ratio {base['macs'] / final['macs']:.2f}x)")
-        if "budget" in spec_info:
+        if spec_info.get("budget", {}).get("metric") == "latency":
+            b = spec_info["budget"]
+            s = b["setup"]
+            facts["budget"] = (f"latency target {b['target']:.0%} of the dense model, measured {b['measured']:.1%} "
+                               f"({b['pruned_ms']:.2f} vs {b['dense_ms']:.2f} ms, {s['runtime']}, batch "
+                               f"{s['batch_size']}, BatchNorm folded; {b['error']:.1%} off)")
+        elif "budget" in spec_info:
             b = spec_info["budget"]
             facts["budget"] = (f"target {flops.format_count(b['target'])} {b['metric']}, achieved "
                                f"{flops.format_count(b['achieved'])} ({b['error']:.2%} off), widths in multiples "

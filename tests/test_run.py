@@ -108,6 +108,22 @@ def test_budget_and_l1_criterion(tiny_cifar, tmp_path):
     assert "widths in multiples of 8" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_latency_target(tiny_cifar, tmp_path, monkeypatch):
+    monkeypatch.setenv("HRANK_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(tiny_cifar, compress_rate=None, target_latency=0.7, latency_target_batch=2, latency_threads=1,
+               criterion="l1", export=[], latency=False)
+    logs: list[str] = []
+    summary = run(cfg, tmp_path / "out", progress=False, printer=logs.append)
+    budget = json.loads((tmp_path / "out" / "spec.json").read_text())["budget"]
+    assert budget["metric"] == "latency" and budget["target"] == 0.7
+    assert budget["setup"]["batch_size"] == 2 and budget["setup"]["threads"] == 1
+    assert budget["measured"] == pytest.approx(budget["pruned_ms"] / budget["dense_ms"])
+    assert summary["stages"][-1]["macs"] == budget["macs"] < summary["stages"][0]["macs"]
+    assert list((tmp_path / "cache").glob("latency-*.json"))  # the layer table was kept for the next search
+    assert "latency target 70% of the dense model, measured" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_not_a_run_directory_is_refused(tiny_cifar, tmp_path):
     (tmp_path / "mine.txt").write_text("precious")
     with pytest.raises(HRankError, match="not an hrank run directory"):
@@ -134,8 +150,12 @@ def test_config_file_errors_name_key_and_line(tmp_path):
 def test_config_rules():
     with pytest.raises(HRankError, match="how much to prune"):
         config.resolve({"model": "resnet_20"}, {})
-    with pytest.raises(HRankError, match="not both"):
+    with pytest.raises(HRankError, match="one target"):
         config.resolve({"model": "resnet_20", "target_macs": 0.5}, {"target_params": 0.5})
+    with pytest.raises(HRankError, match="one target"):
+        config.resolve({"model": "resnet_20", "target_latency": 0.5}, {"target_macs": 0.5})
+    with pytest.raises(HRankError, match=r"target_latency is a fraction"):
+        config.resolve({"model": "resnet_20", "target_latency": 1.5}, {})
     with pytest.raises(HRankError, match="only mode 'mask'"):
         config.resolve({"model": "resnet_20", "compress_rate": "[0.1]*19", "coupling": "independent"}, {})
     cfg = config.resolve({"model": "resnet_20", "compress_rate": "[0.1]*19", "finetune": {"epochs": 3}},
