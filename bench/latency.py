@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, plus cuda if present)")
     ap.add_argument("--onnxruntime", action="store_true",
                     help="also time dense and pruned exported to ONNX, run by onnxruntime on the CPU (hrank[export])")
+    ap.add_argument("--target-latency", type=float, default=None,
+                    help="also time a model pruned to this fraction of the dense latency (hrank.latency), searched "
+                         "on --latency-runtime at --latency-batch")
+    ap.add_argument("--latency-runtime", default="torch", choices=("torch", "onnxruntime"))
+    ap.add_argument("--latency-batch", type=int, default=1)
     ap.add_argument("--fold-bn", action="store_true",
                     help="also time dense and pruned with BatchNorm folded into the convs (hrank.fold)")
     ap.add_argument("--layouts", nargs="+", choices=("nchw", "channels_last"), default=["nchw", "channels_last"],
@@ -100,6 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     named = {"dense": dense, "physical": pruned, "mask": masked}
+    if args.target_latency is not None:
+        from hrank.latency import LatencySetup, find_latency_budget
+
+        setup = LatencySetup(runtime=args.latency_runtime, batch_size=args.latency_batch, threads=args.threads,
+                             layout="channels_last" if "channels_last" in args.layouts else "nchw")
+        t0 = time.perf_counter()
+        found = find_latency_budget(dense, scores, target=args.target_latency, setup=setup)
+        lat_model = apply_plan(copy.deepcopy(dense), make_plan(dense, scores, found.spec, criterion="random")).eval()
+        named["lat-budget"] = lat_model
+        macs["lat-budget"] = flops.count(lat_model, INPUT).macs
+        print(f"# lat-budget: {found.describe()}; searched in {time.perf_counter() - t0:.0f} s "
+              f"({found.table_measured} layer timings, {found.rounds} rounds)")
     if args.fold_bn:
         from hrank.fold import fold_batchnorm
 
@@ -121,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         for m in named.values():
             m.to("cpu", memory_format=torch.contiguous_format)
     if args.onnxruntime:
-        sessions = _onnxruntime_sessions({"dense": dense, "physical": pruned})  # dynamic batch axis: export once
+        exported = {"dense": dense, "physical": pruned}
+        if "lat-budget" in named:
+            exported["lat-budget"] = named["lat-budget"]
+        sessions = _onnxruntime_sessions(exported)  # dynamic batch axis: export once
         for batch in args.batches:
             lat = {name: summarise_latency(samples, batch, "cpu")
                    for name, samples in _onnxruntime_times(sessions, batch, args).items()}

@@ -272,8 +272,22 @@ class LatencyModel:
         dense = [0] * len(cost.effects)
         self.layers_dense = self._layers_ms(dense)
         self.act_dense = self._activations(dense)
-        self.rest_ms = dense_ms - self.layers_dense  # ReLU, additions, pooling, overhead
+        self.rest_ms = dense_ms - self.layers_dense  # ReLU, additions, pooling, per-op overhead
         self.scale = 1.0 if self.rest_ms >= 0 else dense_ms / self.layers_dense
+        # the rest as fixed + per-activation: all per-activation until a second network is measured (calibrate)
+        self.fixed_ms, self.per_act_ms = 0.0, max(self.rest_ms, 0.0) / max(self.act_dense, 1.0)
+
+    def calibrate(self, counts: Sequence[int], measured_ms: float) -> None:
+        """Split the rest into a fixed part (per-op overhead, which pruning does not shrink) and a part that
+        scales with the activations, from a second network (``counts`` removed) measured at ``measured_ms``."""
+        if self.rest_ms < 0:
+            return
+        act, rest = self._activations(counts), measured_ms - self._layers_ms(counts)
+        if self.act_dense - act <= 0:
+            return
+        per_act = (self.rest_ms - rest) / (self.act_dense - act)
+        per_act = min(max(per_act, 0.0), self.rest_ms / max(self.act_dense, 1.0))
+        self.per_act_ms, self.fixed_ms = per_act, self.rest_ms - per_act * self.act_dense
 
     def widths(self, counts: Sequence[int]) -> list[tuple[int, int]]:
         """(input channels, output channels) of every layer call after removing ``counts`` per group."""
@@ -302,7 +316,7 @@ class LatencyModel:
         layers = self._layers_ms(counts)
         if self.rest_ms < 0:
             return layers * self.scale
-        return layers + self.rest_ms * self._activations(counts) / max(self.act_dense, 1.0)
+        return layers + self.fixed_ms + self.per_act_ms * self._activations(counts)
 
 
 def deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -348,6 +362,7 @@ class LatencyBudgetResult:
     table_measured: int = 0
     table_size: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    fixed_ms: float = 0.0  # the prediction's time outside the layers that pruning does not shrink
 
     metric = "latency"
 
@@ -373,7 +388,8 @@ class LatencyBudgetResult:
                 "dense_ms": self.dense_ms, "pruned_ms": self.pruned_ms, "predicted_ms": self.predicted_ms,
                 "macs": self.macs, "params": self.params, "dense_macs": self.dense_macs, "rounds": self.rounds,
                 "setup": asdict(self.setup), "table_measured": self.table_measured, "table_size": self.table_size,
-                "history": self.history, "compress_rate": self.hrank_string(), "rates": dict(self.spec.rates)}
+                "history": self.history, "fixed_ms": self.fixed_ms, "compress_rate": self.hrank_string(),
+                "rates": dict(self.spec.rates)}
 
 
 def _record_steps(model_ms: Callable[[list[int]], float], n_groups: int, gi: int, limit: int, blocks: int,
@@ -436,6 +452,14 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
     steps = [_record_steps(predict, len(search.prunable), gi, lim, g.blocks, predict([0] * len(search.prunable)))
              for gi, (g, lim) in enumerate(zip(search.prunable, search.limits, strict=True))]
     limits = [max(s, default=0) for s in steps]
+    # a second network, every group at about half its allowed cut, measured against the dense one: splits the
+    # time outside the layers into per-op overhead and activation traffic
+    half = [s[len(s) // 2] if s else 0 for s in steps]
+    if any(half):
+        _, half_model = search.prune(model, half)
+        both = compare_end_to_end({"dense": dense_model, "half": deployed(half_model.cpu(), x[:1])}, x,
+                                  table.runtime)
+        predict.calibrate(half, both["half"] * dense_ms / both["dense"])
     table.save()
     floor = predict(limits)
     if floor > target * dense_ms * (1 + tolerance):
@@ -467,4 +491,4 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
     return LatencyBudgetResult(spec, target, ratio, measured["dense"], measured["pruned"], predicted, real.macs,
                                real.params, dense_macs, r, setup,
                                {g.members[0]: n for g, n in zip(search.prunable, counts, strict=True)},
-                               table.measured, len(table.entries), history)
+                               table.measured, len(table.entries), history, predict.fixed_ms)
