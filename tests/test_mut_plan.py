@@ -180,3 +180,71 @@ def test_constraints_cover_every_grouping():
             assert blocks == 1 and "one per group" in why
         else:
             assert (blocks, why) == (groups, None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# survivors of the first mutation run (docs/mutation.md)
+# --------------------------------------------------------------------------------------------------------
+
+def test_select_kept_compares_scores_as_float64():
+    # 2**53 + 1 is not a float64: it rounds (half to even) to 2**53, so scores 0 and 1 tie and the lower
+    # index (0) is dropped first, although as integers score 1 is the lowest
+    big = 2**53
+    assert float(big + 1) == float(big)
+    assert select_kept(np.array([big + 1, big, big + 2], dtype=np.int64), 1) == [1, 2]
+    assert select_kept([big + 1, big, big + 2], 1) == [1, 2]
+    assert select_kept(np.array([big + 2, big + 1, big], dtype=np.int64), 2) == [0]
+    if np.finfo(np.longdouble).eps < np.finfo(np.float64).eps:  # an extended long double (x86)
+        scores = np.array([1.0, 1.0, 0.5], dtype=np.longdouble)
+        scores[0] += np.longdouble(2) ** -60  # above score 1 in long double, equal to it in float64
+        assert scores[0] > scores[1] and float(scores[0]) == float(scores[1])
+        assert select_kept(scores, 2) == [1]
+
+
+def _reference_constraint(cin: int, cout: int, groups: int, out_side: bool) -> tuple[int, str | None]:
+    """The width rules for an identity mapping, written from the docs: plain and depthwise convs impose
+    nothing; groups == out_channels with in != out is refused; a grouped conv with a single channel per group
+    on this side cannot keep its blocks equal; otherwise the channels come in ``groups`` equal blocks."""
+    if groups == 1 or groups == cin == cout:
+        return 1, None
+    if groups == cout:
+        return 1, "groups == out_channels"
+    if (cout if out_side else cin) == groups:
+        return 1, ("writes" if out_side else "reads") + " these channels one per group"
+    return groups, None
+
+
+def test_conv_constraints_against_a_reference_for_every_small_conv():
+    seen = set()
+    for cin, cout in itertools.product(range(1, 9), repeat=2):
+        for groups in (g for g in range(1, 9) if cin % g == 0 and cout % g == 0):
+            conv = nn.Conv2d(cin, cout, 1, groups=groups)
+            for out_side in (True, False):
+                blocks, why = _conv_constraints(conv, "k", out_side, True, cout if out_side else cin)
+                want_blocks, want_why = _reference_constraint(cin, cout, groups, out_side)
+                assert blocks == want_blocks, (cin, cout, groups, out_side)
+                if want_why is None:
+                    assert why is None, (cin, cout, groups, out_side)
+                else:
+                    assert want_why in why and "conv k " in why, (cin, cout, groups, out_side, why)
+                    seen.add(want_why)
+    # every rule was exercised; a conv never *writes* one channel per group without being depthwise or refused
+    assert seen == {"groups == out_channels", "reads these channels one per group"}
+
+
+def test_conv_constraints_edge_cases_of_the_groups_rule():
+    # a plain conv with a single filter: groups == 1 == out_channels is not the refused case
+    assert _conv_constraints(nn.Conv2d(4, 1, 3), "one", True, True, 1) == (1, None)
+    assert _conv_constraints(nn.Conv2d(4, 1, 3), "one", False, True, 4) == (1, None)
+    # groups == out_channels == 2 != in_channels is refused from both sides
+    for out_side, channels in ((True, 2), (False, 4)):
+        blocks, why = _conv_constraints(nn.Conv2d(4, 2, 1, groups=2), "g2", out_side, True, channels)
+        assert blocks == 1 and why == "conv g2 has groups == out_channels but in_channels != out_channels"
+    blocks, why = _conv_constraints(nn.Conv2d(6, 12, 3, groups=6), "r", False, True, 6)
+    assert (blocks, why) == (1, "grouped conv r (groups=6) reads these channels one per group")
+
+
+def test_conv_constraints_names_the_unsupported_layer_type():
+    assert _conv_constraints(nn.Conv1d(4, 4, 3), "c1", True, True, 4) == (
+        1, "c1 is a Conv1d (only Conv2d and ConvTranspose2d are supported)")
+    assert _conv_constraints(nn.Linear(4, 4), "fc", False, True, 4)[1].startswith("fc is a Linear ")
