@@ -155,6 +155,36 @@ def _opaque_reshapes(graph: tp.DependencyGraph) -> set:
     return out
 
 
+def _channel_dim(dim: int, sizes: Sequence[int]) -> bool:
+    return len(sizes) >= 2 and dim % len(sizes) == 1
+
+
+def _opaque_splits(graph: tp.DependencyGraph) -> set:
+    """Splits, chunks, unbinds and slices of the channel dimension: their sizes and bounds are literals in
+    ``forward`` that pruning cannot rewrite (``y[:, 1:]`` or ``split(y, [1, 7])`` would then cut the pruned
+    tensor in the wrong place). A slice that keeps every channel (``y[:, :C]``, ``y[:, 0:]``) is harmless."""
+    kinds = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND)
+    out = set()
+    for node in graph.module2node.values():
+        gf = node.grad_fn
+        if node.type not in kinds or gf is None:
+            continue
+        sizes = getattr(gf, "_saved_self_sym_sizes", None) or getattr(gf, "_saved_self_sizes", None)
+        dim = getattr(gf, "_saved_dim", None)
+        if sizes is None or dim is None:
+            out.add(node)  # cannot tell which dimension: do not trust it
+            continue
+        sizes = [int(d) for d in sizes]
+        if not _channel_dim(int(dim), sizes):
+            continue
+        if node.type == tp.ops.OPTYPE.SLICE:
+            start, end, step = (getattr(gf, f"_saved_{k}", None) for k in ("start", "end", "step"))
+            if start in (0, None) and (end is None or end >= sizes[1]) and step in (1, None):
+                continue  # a full slice: the same channels whatever the width
+        out.add(node)
+    return out
+
+
 def _cut(graph: tp.DependencyGraph, opaque: set) -> None:
     """Stop every dependency walk at the opaque nodes: groups reach them (and are then reported as not
     prunable) but never map indices through them."""
@@ -190,7 +220,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None 
                          f"check that example_input fits the model") from None
     finally:
         model.train(was_training)  # build_dependency calls eval() and leaves it so
-    graph.hrank_opaque |= _opaque_reshapes(graph)
+    graph.hrank_opaque |= _opaque_reshapes(graph) | _opaque_splits(graph)
     _cut(graph, graph.hrank_opaque)
     return graph
 
@@ -263,7 +293,10 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
     for item in group:
         target, handler = item.dep.target, item.dep.handler
         module = target.module
-        if target in opaque:
+        if target in opaque and target.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND):
+            reasons.append(f"its channels are split or sliced by position ({_node_label(target, names)}: "
+                           f"torch.split/chunk/unbind or y[:, a:b] in forward), which pruning cannot rewrite")
+        elif target in opaque:
             reasons.append(f"its channels pass {_node_label(target, names)}, a reshape hrank cannot map "
                            f"(e.g. a channel shuffle)")
         if target.type == tp.ops.OPTYPE.OUTPUT or (not target.outputs and graph.is_out_channel_pruning_fn(handler)):

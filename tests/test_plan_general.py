@@ -324,3 +324,60 @@ def test_conv_transpose_is_ranked_and_pruned_from_ranks():
     assert len(plan.layers["up"]) == 6 and [s["conv"] for s in plan.skipped] == ["out"]
     physical = apply_plan(copy.deepcopy(model), plan, example_input=x[:1])
     assert physical.up.out_channels == 6 and physical(x).shape == model(x).shape
+
+
+class _Positional(nn.Module):
+    """A conv whose channels `forward` cuts by position: a slice, a split, a chunk, or a slice of all of them."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        widths = {"slice": (7, 8), "split": (1, 7), "chunk": (4, 4), "full": (8, 8)}[how]
+        self.b = nn.Conv2d(widths[0], 4, 3, padding=1)
+        self.c = nn.Conv2d(widths[1], 4, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        if self.how == "slice":
+            p, q = y[:, 1:], y
+        elif self.how == "split":
+            p, q = torch.split(y, [1, 7], 1)
+        elif self.how == "chunk":
+            p, q = torch.chunk(y, 2, 1)
+        else:
+            p, q = y[:, :8], y[:, 0:]
+        return self.fc(torch.cat([torch.relu(self.b(p)), torch.relu(self.c(q))], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["slice", "split", "chunk"])
+def test_channels_cut_by_position_are_not_pruned_and_the_rest_is(how):
+    # the sizes and bounds are literals in forward: pruning them would cut the pruned tensor in the wrong place
+    torch.manual_seed(0)
+    net = _Positional(how).eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups = {g.members[0]: g for g in find_groups(net, x)}
+    assert not groups["a"].prunable and "split or sliced by position" in groups["a"].reason
+    assert groups["b"].prunable and groups["c"].prunable
+    spec = Spec.from_mapping(net, {"*": 0.5})
+    plan = make_plan(net, {n: np.arange(m.out_channels, dtype=float) for n, m in net.named_modules()
+                           if isinstance(m, nn.Conv2d)}, spec, example_input=x)
+    assert [s["conv"] for s in plan.skipped] == ["a"]
+    pruned = apply_plan(copy.deepcopy(net), plan, example_input=x)  # the invariant is checked inside
+    assert (pruned.a.out_channels, pruned.b.out_channels, pruned.c.out_channels) == (8, 2, 2)
+    # asking for the cut conv alone is one clear line, not a Torch-Pruning IndexError
+    with pytest.raises(HRankError, match="split or sliced by position"):
+        make_plan(net, {"a": np.arange(8.0)}, Spec.from_mapping(net, {"a": 0.5}), example_input=x)
+
+
+def test_a_slice_that_keeps_every_channel_does_not_block_pruning():
+    torch.manual_seed(0)
+    net = _Positional("full").eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups = {g.members[0]: g for g in find_groups(net, x)}
+    assert groups["a"].prunable
+    scores = {n: np.arange(m.out_channels, dtype=float) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    pruned = apply_plan(copy.deepcopy(net), make_plan(net, scores, Spec.from_mapping(net, {"a": 0.5}),
+                                                      example_input=x), example_input=x)
+    assert pruned.a.out_channels == pruned.b.in_channels == pruned.c.in_channels == 4

@@ -39,9 +39,7 @@ def _load_zoo():
 zoo = _load_zoo()
 
 # Known failures: model id -> (stage, reason). Each reason is a heading of docs/zoo.md's "Known failures".
-_LITERAL = "channel counts written as literals in forward (torch.split sizes, reshapes into paths)"
 KNOWN: dict[str, tuple[str, str]] = {
-    **{f"timm/{name}": ("physical", _LITERAL) for name in ("mixnet_s", "res2net50_14w_8s", "skresnet18")},
     "timm/nf_resnet26": ("physical", "conv subclass with extra per-filter parameters (timm ScaledStdConv2d gain)"),
     "timm/dpn68": ("plan", "dependency analysis too slow (DPN dual paths)"),
     "timm/ecaresnet26t": ("plan", "dependency analysis does not finish (ECA Conv1d across channels)"),
