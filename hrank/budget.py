@@ -91,12 +91,10 @@ def readable_rate(n: int, channels: int) -> float:
         return 0.0
     for digits in range(1, 10):
         scale = 10**digits
-        r = math.ceil(n / channels * scale) / scale
-        if num_pruned(r, channels) == n:
-            return r
-        r = (math.floor(n / channels * scale) + 1) / scale
-        if num_pruned(r, channels) == n:
-            return r
+        low = n * scale // channels  # exact: the float quotient n / C * scale can land one below (29/50 -> 57.99..)
+        for k in (low, low + 1, low + 2):
+            if num_pruned(k / scale, channels) == n:
+                return k / scale
     r = (n + 0.5) / channels
     assert num_pruned(r, channels) == n
     return r
