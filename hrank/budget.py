@@ -92,7 +92,7 @@ def readable_rate(n: int, channels: int) -> float:
     for digits in range(1, 10):
         scale = 10**digits
         low = n * scale // channels  # exact: the float quotient n / C * scale can land one below (29/50 -> 57.99..)
-        for k in (low, low + 1, low + 2):
+        for k in (low, low + 1):  # low + 1 exceeds n / C by >= 1e-9 of a channel: no float error takes it below
             if num_pruned(k / scale, channels) == n:
                 return k / scale
     r = (n + 0.5) / channels
