@@ -106,6 +106,16 @@ MODULES: dict[str, Module] = {
 # Mutants that cannot change any result (killed by no test, by construction). Each has its reason here and in
 # docs/mutation.md. Names are valid for the source as of the date recorded there.
 EQUIVALENT: dict[str, str] = {
+    **{f"hrank.plan.xǁShortcutPrunerǁprune_{side}_channels__mutmut_{n}": "zip(strict=...) dropped, False or "
+       "None over src/dst: set_mapping and __init__ keep them the same length" for side in ("out", "in")
+       for n in (11, 14, 15)},
+    "hrank.plan.x__conv_constraints__mutmut_22": "width / groups instead of //: Conv2d requires groups to divide "
+    "both widths, so the quotient is an exact integer",
+    **{f"hrank.plan.x__conv_constraints__mutmut_{n}": "the 'writes' text of the one-per-group reason: unreachable, "
+       "out_channels == groups is either refused earlier or depthwise" for n in (26, 28, 29)},
+    "hrank.plan.x_select_kept__mutmut_11": 'argsort kind="STABLE": NumPy reads the kind case-insensitively',
+    "hrank.plan.xǁPlanGroupǁblock_counts__mutmut_2": "channels / blocks instead of //: the only caller checks "
+    "channels % blocks == 0 first, so the size is an exact integer",
     **{f"hrank.spec.xǁSpecǁfrom_string__mutmut_{n}": "zip(strict=...) dropped or False: the lengths were "
        "checked equal two lines above" for n in (29, 32, 33)},
     "hrank.spec.xǁSpecǁfrom_string__mutmut_41": "the joiner of a forced-zero entry's convs: the only such entry "
@@ -113,11 +123,61 @@ EQUIVALENT: dict[str, str] = {
     **{f"hrank.ranks.x_{f}__mutmut_{n}": "NaN/inf maps replaced unconditionally, or by 1.0 instead of 0.0: "
        "the replacement is the identity on finite maps and the replaced maps' ranks are overwritten with -1"
        for f, ns in (("_gram_ranks", (21, 29)), ("_svd_ranks", (8, 16))) for n in ns},
+    **{f"hrank.ranks.x__gram_ranks__mutmut_{n}": "the Cholesky certificate never passes or is bypassed (tau_U / "
+       "f2, info None, & -> |): every nonzero map gets eigvalsh, which counts the same eigenvalues against tau <= "
+       "tau_U (the certificate holds only when all exceed tau_U); all-zero maps have only 0 eigenvalues: rank 0"
+       for n in (106, 107, 112)},
+    "hrank.ranks.x__gram_ranks__mutmut_115": "lines >= 0 also redoes all-zero maps: their Gram matrix is 0, no "
+    "eigenvalue is > 0, rank 0 as before",
+    "hrank.ranks.x__gram_ranks__mutmut_48": "rows <= cols picks the rows side when rows == cols: both Gram matrices "
+    "have the spectrum sigma_i^2 plus lifted zero lines, so the certificate and the count are the same",
+    "hrank.ranks.x__gram_ranks__mutmut_53": "transpose(2, 2) keeps the rows side: if rows > cols the nonzero block "
+    "has rank <= cols < rows, Cholesky fails by a margin tau_U and eigvalsh counts the rank; else as before",
+    "hrank.ranks.x__gram_ranks__mutmut_60": "h <= w instead of h < w in the elif: h == w took the first branch",
+    **{f"hrank.ranks.x__gram_ranks__mutmut_{n}": "which device solves eigvalsh (host or GPU) for a CUDA Gram: "
+       "is_cuda or k > 32, shape[1] / [-2] (the Gram is square), k >= 32: the same float64 eigenvalues; on CPU "
+       "`is_cuda and` is never true" for n in (119, 120, 121, 122)},
+    "hrank.ranks.x__gram_ranks__mutmut_124": "host eigenvalues .to(None) instead of back to the GPU: a CUDA-only "
+    "branch (a CPU-only run; test_mut_cuda_ranks_equal_the_reference runs it on a GPU)",
+    **{n: "the number of pieces (min_pieces, 2 per pool worker: dropped, 1 or 2 or 3 per worker, b / c, without "
+       "a pool): any per_piece >= 1 gives the same row-major partition into whole maps within chunk_elems, so the "
+       "same ranks; only how the work spreads over the workers changes"
+       for n in ("hrank.ranks.x__pieces__mutmut_15", "hrank.ranks.x__pieces__mutmut_16",
+                 "hrank.ranks.x__pieces__mutmut_21", *(f"hrank.ranks.x__ranks_4d__mutmut_{k}"
+                                                      for k in (25, 26, 27, 28, 29, 30)))},
+    "hrank.ranks.x__pieces__mutmut_22": "per_piece > C at per_piece == C: maps[i, 0:C] instead of maps[i:i + 1], "
+    "one piece per image with the same maps in the same order (acts are elementwise)",
+    "hrank.ranks.x__ranks_4d__mutmut_3": "maps.shape[+2:] on 4-D maps is shape[-2:]",
+    "hrank.ranks.x_matrix_ranks__mutmut_26": "4-D maps also reshaped to (1, B*C, H, W): the same maps in the same "
+    "row-major order, viewed back as (B, C); at most a one-time copy of a non-contiguous input",
+    **{f"hrank.ranks.x_matrix_ranks__mutmut_{n}": "workers None or 2 instead of 1 without a pool: _ranks_4d reads "
+       "workers only when a pool is given" for n in (69, 75)},
     **{n: "a count clipped to max_entries + 2 instead of + 1: it only enters `> max_entries` (every list has "
        "at least one value), where both are over" for n in ("hrank.spec.xǁ_Parserǁinteger__mutmut_22",
                                                              "hrank.spec.xǁ_Parserǁinteger__mutmut_29",
                                                              "hrank.spec.xǁ_Parserǁterm__mutmut_22")},
     "hrank.spec.xǁ_Parserǁinteger__mutmut_18": 'lstrip("XX0XX") instead of lstrip("0") on a string of digits only',
+    "hrank.checkpoint.x_build_from_record__mutmut_12": 'record.get("version", 1) instead of 0: a missing version '
+    "is not newer than VERSION (1) either way",
+    "hrank.checkpoint.x_load_state__mutmut_25": "strict=True dropped: load_state_dict's strict defaults to True",
+    **{f"hrank.checkpoint.x_model_record__mutmut_{n}": '.to(None or no device, copy=True) instead of .to("cpu"): '
+       "the same copy where every tensor is on the CPU (a CPU-only run; killed by the CUDA test)" for n in (80, 82)},
+    "hrank.budget.x_readable_rate__mutmut_6": "a 0-digit try first: for 0 < n < C its candidate is 1.0 (prunes all "
+    "C), and an integer rate works only when n = m * C, where the 1-digit try returns the same m",
+    **{f"hrank.budget.xǁ_CostModelǁ__call____mutmut_{n}": "zip(strict=...) dropped, False or None over "
+       "self.layers and two lists built as [0] * len(self.layers)" for n in (26, 30, 31)},
+    **{n: "the depthwise flag lost: Torch-Pruning's depthwise pruner has prune_in_channels = prune_out_channels, so "
+       "a depthwise conv never gets an input removal (r_in = 0) and (cin - 0) // groups == cin // groups"
+       for n in ("hrank.budget.xǁ_CostModelǁ__call____mutmut_35", "hrank.budget.xǁ_CostModelǁ__init____mutmut_19",
+                 "hrank.budget.xǁ_CostModelǁ__init____mutmut_20")},
+    "hrank.budget.xǁ_CostModelǁ__init____mutmut_37": "parameters(recurse=None): None is falsy, as recurse=False",
+    "hrank.budget.xǁ_CostModelǁ__init____mutmut_51": "channel [1] instead of [0] probes the group: only the lengths "
+    "of the index lists are used, and every mapping (identity, concat, flatten, grouped) gives each channel as many",
+    **{f"hrank.prune.x__grouped_in_weight__mutmut_{n}": "torch.tensor's dtype=torch.long dropped or None: it infers "
+       "int64 from the int index lists, which are never empty (a plan keeps >= 1 channel, so no block loses every "
+       "input)" for n in (17, 20)},
+    **{f"hrank.prune.x__grouped_in_weight__mutmut_{n}": "the index tensor built without device=weight.device: the "
+       "same tensor where every weight is on the CPU (a CPU-only run; killed by the CUDA test)" for n in (18, 21)},
 }
 
 
