@@ -162,7 +162,7 @@ def _bad_inputs(tmp_path: Path, r20) -> list[tuple[list[str], str]]:
         (base + ["--checkpoint", str(tmp_path / "missing.pt"), "--ranks", str(ranks), "--compress-rate", "[0.5]*19"],
          "checkpoint not found"),
         (base + ["--ranks", str(ranks), "--target-macs", "0.5", "--compress-rate", "[0.5]*19"], "give one way"),
-        (base + ["--ranks", str(ranks), "--target-macs", "0.5", "--target-params", "0.5"], "not both"),
+        (base + ["--ranks", str(ranks), "--target-macs", "0.5", "--target-params", "0.5"], "give one of"),
         (base + ["--ranks", str(ranks), "--target-macs", "0.001"], "cannot be met"),
         (base + ["--ranks", str(ranks), "--target-macs", "0.5", "--round-to", "0"], "round_to must be a positive"),
     ]
