@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 import hrank
+import hrank.flops
+import hrank.plan
 from hrank import models
 from hrank.cli import main
 from hrank.ranks import Ranks, model_fingerprint
