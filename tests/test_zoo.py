@@ -41,7 +41,6 @@ zoo = _load_zoo()
 # Known failures: model id -> (stage, reason). Each reason is a heading of docs/zoo.md's "Known failures".
 KNOWN: dict[str, tuple[str, str]] = {
     "timm/nf_resnet26": ("physical", "conv subclass with extra per-filter parameters (timm ScaledStdConv2d gain)"),
-    "timm/dpn68": ("plan", "dependency analysis too slow (DPN dual paths)"),
     "timm/ecaresnet26t": ("plan", "dependency analysis does not finish (ECA Conv1d across channels)"),
 }
 
