@@ -34,6 +34,7 @@ import torch
 from hrank import flops, models
 from hrank.budget import find_budget
 from hrank.criteria import random_scores
+from hrank.errors import HRankError
 from hrank.plan import make_plan
 from hrank.profile import compare_latency, summarise_latency
 from hrank.prune import apply_plan
@@ -111,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         setup = LatencySetup(runtime=args.latency_runtime, batch_size=args.latency_batch, threads=args.threads,
                              layout="channels_last" if "channels_last" in args.layouts else "nchw")
         t0 = time.perf_counter()
-        found = find_latency_budget(dense, scores, target=args.target_latency, setup=setup)
+        try:
+            found = find_latency_budget(dense, scores, target=args.target_latency, setup=setup)
+        except HRankError as e:
+            print(f"hrank: error: {e}", file=sys.stderr)
+            return 2
         lat_model = apply_plan(copy.deepcopy(dense), make_plan(dense, scores, found.spec, criterion="random")).eval()
         named["lat-budget"] = lat_model
         macs["lat-budget"] = flops.count(lat_model, INPUT).macs

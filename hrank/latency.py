@@ -486,6 +486,10 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
     table.save()
     assert best is not None
     ratio, (counts, spec, pruned, measured, predicted, r) = best
+    if not any(counts):  # a measurement says the unpruned network got faster: noise, never an answer
+        raise HRankError(f"latency target {target:.0%} not found: no narrower width measured faster than the dense "
+                         f"model on {setup.runtime} at batch {setup.batch_size} (the measurements are too noisy "
+                         f"or the runtime's overhead dominates); try a larger batch, or a quieter machine")
     real = flops.count(pruned, search.input_size)
     dense_macs = flops.count(model, search.input_size).macs
     return LatencyBudgetResult(spec, target, ratio, measured["dense"], measured["pruned"], predicted, real.macs,

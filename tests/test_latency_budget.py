@@ -152,3 +152,19 @@ def test_cli_latency_target_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc != 0 and msg in err and len(err.splitlines()) == 1
         assert not (tmp_path / "o").exists()
+
+
+class _FlatRuntime(FakeRuntime):
+    """Every network and layer takes the same time whatever its width (overhead-bound, or pure noise)."""
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+        run = super().prepare(module, x)
+        run.ms = 1.0  # type: ignore[attr-defined]
+        return run
+
+
+def test_no_width_faster_than_dense_is_an_error_not_an_unpruned_answer(tmp_path):
+    net = _net()
+    setup = LatencySetup(batch_size=2, repeats=3, warmup=0)
+    with pytest.raises(HRankError, match="latency target 50% (cannot be met|not found)"):
+        find_latency_budget(net, l1_scores(net), target=0.5, setup=setup, runtime=_FlatRuntime(setup))
