@@ -392,12 +392,17 @@ class LatencyBudgetResult:
                 "rates": dict(self.spec.rates)}
 
 
+PROBED_WIDTHS = 64  # a group is timed at about this many widths at most (every one up to 64 channels)
+
+
 def _record_steps(model_ms: Callable[[list[int]], float], n_groups: int, gi: int, limit: int, blocks: int,
-                  dense_ms: float) -> list[int]:
+                  dense_ms: float, channels: int) -> list[int]:
     """The cuts of group ``gi`` (others whole) that are faster than every smaller cut: the widths worth
-    stopping at, as measured."""
+    stopping at, as measured. Wide groups are probed every ``channels / PROBED_WIDTHS`` channels (a multiple
+    of ``blocks``), which bounds the layer timings of a ResNet-50-sized model."""
     best, steps = dense_ms, []
-    for k in range(blocks, limit + 1, blocks):
+    stride = blocks * max(1, -(-channels // (PROBED_WIDTHS * blocks)))
+    for k in range(stride, limit + 1, stride):
         counts = [0] * n_groups
         counts[gi] = k
         ms = model_ms(counts)
@@ -449,7 +454,8 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
     cost = _CostModel(model, search.graph, search.prunable, search.input_size)
     predict = LatencyModel(model, cost, search.input_size, table, dense_ms)
     say(f"dense model: {dense_ms:.3f} ms at batch {setup.batch_size} on {setup.runtime}; measuring layer widths")
-    steps = [_record_steps(predict, len(search.prunable), gi, lim, g.blocks, predict([0] * len(search.prunable)))
+    dense_pred = predict([0] * len(search.prunable))
+    steps = [_record_steps(predict, len(search.prunable), gi, lim, g.blocks, dense_pred, g.channels)
              for gi, (g, lim) in enumerate(zip(search.prunable, search.limits, strict=True))]
     limits = [max(s, default=0) for s in steps]
     # a second network, every group at about half its allowed cut, measured against the dense one: splits the

@@ -168,3 +168,16 @@ def test_no_width_faster_than_dense_is_an_error_not_an_unpruned_answer(tmp_path)
     setup = LatencySetup(batch_size=2, repeats=3, warmup=0)
     with pytest.raises(HRankError, match="latency target 50% (cannot be met|not found)"):
         find_latency_budget(net, l1_scores(net), target=0.5, setup=setup, runtime=_FlatRuntime(setup))
+
+
+def test_wide_groups_are_probed_at_a_bounded_number_of_widths():
+    from hrank.latency import _record_steps
+
+    faster = lambda counts: 100.0 - counts[0]  # noqa: E731 - every cut is faster than the last
+    assert _record_steps(faster, 1, 0, 57, 1, 100.0, 64) == list(range(1, 58))  # narrow: every width
+    assert _record_steps(faster, 1, 0, 230, 1, 100.0, 256) == list(range(4, 231, 4))  # 256 channels: every 4th
+    assert _record_steps(faster, 1, 0, 230, 2, 100.0, 256) == list(range(4, 231, 4))  # in whole blocks of 2
+    assert _record_steps(faster, 1, 0, 90, 3, 100.0, 96) == list(range(3, 91, 3))
+    # a width no faster than a wider one is not a place to stop
+    bumpy = lambda counts: 100.0 - counts[0] + (5.0 if counts[0] % 2 else 0.0)  # noqa: E731
+    assert _record_steps(bumpy, 1, 0, 10, 1, 100.0, 16) == [2, 4, 6, 8, 10]
