@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from hrank import flops
+from hrank.budget import BudgetResult
 from hrank.errors import HRankError
 from hrank.io import atomic_write_json
 
@@ -330,13 +331,12 @@ def deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
         return copy.deepcopy(model).eval()
 
 
-def compare_end_to_end(models: Mapping[str, nn.Module], example: torch.Tensor, runtime: Runtime, *,
+def compare_end_to_end(runs: Mapping[str, Callable[[], None]], runtime: Runtime, *,
                        rounds: int = 5) -> dict[str, float]:
-    """Median milliseconds of each model on ``example``, timed in alternation over ``rounds`` (a change of
-    the machine's load hits every model alike)."""
-    runs = {name: runtime.prepare(m, example) for name, m in models.items()}
+    """Median milliseconds of each prepared run (``runtime.prepare``), timed in alternation over ``rounds``
+    (a change of the machine's load hits every model alike)."""
     per_round = max(1, runtime.setup.repeats // rounds)
-    samples: dict[str, list[float]] = {name: [] for name in models}
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(rounds):
         for name, run in runs.items():
             samples[name] += runtime.times(run, per_round, runtime.setup.warmup if i == 0 else 1)
@@ -377,11 +377,7 @@ class LatencyBudgetResult:
                 f"{', ' + s.layout if s.runtime == 'torch' else ''}), {flops.format_count(self.macs)} MACs "
                 f"({self.macs / self.dense_macs:.1%})")
 
-    def hrank_string(self) -> str | None:
-        try:
-            return self.spec.to_hrank_string()
-        except HRankError:
-            return None
+    hrank_string = BudgetResult.hrank_string  # the spec in HRank's list syntax, or None
 
     def to_json(self) -> dict[str, Any]:
         return {"metric": "latency", "target": self.target, "measured": self.measured, "error": self.error,
@@ -449,8 +445,9 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
     say = progress or (lambda _: None)
     table = LayerTable.open(setup, cache_dir, runtime)
     x = torch.randn(setup.batch_size, *search.input_size, generator=torch.Generator().manual_seed(0))
-    dense_model = deployed(model, x[:1].to(next(model.parameters()).device)).cpu()
-    dense_ms = compare_end_to_end({"dense": dense_model}, x, table.runtime)["dense"]
+    # the dense model is prepared once (an ONNX export for onnxruntime) and timed beside every candidate
+    dense_run = table.runtime.prepare(deployed(model, x[:1].to(next(model.parameters()).device)).cpu(), x)
+    dense_ms = compare_end_to_end({"dense": dense_run}, table.runtime)["dense"]
     cost = _CostModel(model, search.graph, search.prunable, search.input_size)
     predict = LatencyModel(model, cost, search.input_size, table, dense_ms)
     say(f"dense model: {dense_ms:.3f} ms at batch {setup.batch_size} on {setup.runtime}; measuring layer widths")
@@ -463,8 +460,8 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
     half = [s[len(s) // 2] if s else 0 for s in steps]
     if any(half):
         _, half_model = search.prune(model, half)
-        both = compare_end_to_end({"dense": dense_model, "half": deployed(half_model.cpu(), x[:1])}, x,
-                                  table.runtime)
+        half_run = table.runtime.prepare(deployed(half_model.cpu(), x[:1]), x)
+        both = compare_end_to_end({"dense": dense_run, "half": half_run}, table.runtime)
         predict.calibrate(half, both["half"] * dense_ms / both["dense"])
     table.save()
     floor = predict(limits)
@@ -478,8 +475,8 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
         counts, predicted = _search(search.prunable, search.raw, limits, order, predict, goal, 0.01,
                                     group_steps=steps)
         spec, pruned = search.prune(model, counts)
-        pruned_model = deployed(pruned.cpu(), x[:1])
-        measured = compare_end_to_end({"dense": dense_model, "pruned": pruned_model}, x, table.runtime)
+        pruned_run = table.runtime.prepare(deployed(pruned.cpu(), x[:1]), x)
+        measured = compare_end_to_end({"dense": dense_run, "pruned": pruned_run}, table.runtime)
         ratio = measured["pruned"] / measured["dense"]
         history.append({"goal_ms": goal, "predicted_ms": predicted, "dense_ms": measured["dense"],
                         "pruned_ms": measured["pruned"], "ratio": ratio})
