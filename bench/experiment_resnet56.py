@@ -39,6 +39,7 @@ from hrank.data import Batches, Normalization, load_batch_files, load_cifar
 from hrank.plan import make_plan
 from hrank.prune import apply_plan, recalibrate_bn
 from hrank.ranks import Ranks, compute_scores
+from hrank.spec import Spec
 from hrank.train import evaluate, fit, make_eval_batches, make_train_batches, split_train_val
 
 CRITERIA = ("hrank", "chip", "l1", "random")
@@ -115,9 +116,8 @@ def run_grid(args: argparse.Namespace) -> None:
             _write_json(info_path, setup)
         print(f"seed {seed}: widths {setup['spec']} -> {flops.format_count(setup['macs'])} MACs "
               f"({setup['macs'] / setup['baseline_macs']:.1%}); dense {setup['dense']}", flush=True)
-        budget = find_budget(base, Ranks.load(sdir / "hrank.npz"), target=args.target_macs, metric="macs")
-        if budget.hrank_string() != setup["spec"]:
-            raise SystemExit(f"seed {seed}: the budget search no longer gives the recorded widths")
+        spec = Spec.from_string(base, setup["spec"])  # the recorded widths, the same for every cell of the seed
+        saved = {name: Ranks.load(sdir / f"{name}.npz") for name in ("hrank", "chip")}
 
         for criterion, recipe_name in todo:
             t0 = time.perf_counter()
@@ -130,11 +130,11 @@ def run_grid(args: argparse.Namespace) -> None:
                 model = copy.deepcopy(base)
                 row: dict = {}
             else:
-                if criterion in ("hrank", "chip"):
-                    scores = Ranks.load(sdir / f"{criterion}.npz")
+                if criterion in saved:
+                    scores = saved[criterion]
                 else:
-                    scores = weight_scores(criterion, base, list(Ranks.load(sdir / "hrank.npz").scores), seed=seed)
-                plan = make_plan(base, scores, budget.spec, criterion=criterion)
+                    scores = weight_scores(criterion, base, list(saved["hrank"].scores), seed=seed)
+                plan = make_plan(base, scores, spec, criterion=criterion)
                 model = apply_plan(copy.deepcopy(base), plan, mode="physical")
                 row = {}
                 recalibrate_bn(model.to(device), Batches(train, 128, normalization=norm, train=True, device=device,
