@@ -17,6 +17,7 @@ from hrank.errors import HRankError
 from hrank.layers import is_conv
 from hrank.plan import make_plan
 from hrank.prune import _grouped_in_weight, apply_plan
+from tests.test_plan_general import GroupedBlock
 
 # --------------------------------------------------------------------------------------------------------
 # _grouped_in_weight against hand-sliced weights
@@ -55,30 +56,14 @@ def test_grouped_in_weight_keeps_each_blocks_own_columns(out, groups, per, drop,
 # --------------------------------------------------------------------------------------------------------
 
 
-class TallGroupedBlock(nn.Module):
-    """1x1 conv -> ReLU -> (3, 1) conv (groups=4) -> BN -> ReLU -> 1x1 conv -> mean -> linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 16, 1)
-        self.b = nn.Conv2d(16, 16, (3, 1), padding=(1, 0), groups=4)
-        self.bn = nn.BatchNorm2d(16)
-        self.c = nn.Conv2d(16, 8, 1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        y = self.c(torch.relu(self.bn(self.b(torch.relu(self.a(x))))))
-        return self.fc(y.mean((2, 3)))
-
-
 def _scores(model: nn.Module) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {n: rng.random(m.out_channels) for n, m in model.named_modules() if is_conv(m)}
 
 
-def _tall_model() -> TallGroupedBlock:
+def _tall_model() -> GroupedBlock:
     torch.manual_seed(0)
-    model = TallGroupedBlock()
+    model = GroupedBlock(kernel=(3, 1))  # a non-square kernel: the grouped input slices are not square
     with torch.no_grad():  # non-trivial BN so that a wrong column shows in the output
         model.bn.running_mean.uniform_(-0.5, 0.5)
         model.bn.running_var.uniform_(0.5, 2.0)

@@ -37,12 +37,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class GroupedBlock(nn.Module):
-    """1x1 conv -> ReLU -> 3x3 conv (groups=4) -> BN -> ReLU -> 1x1 conv: the ResNeXt/RegNet pattern."""
+    """1x1 conv -> ReLU -> kxk conv (groups=4) -> BN -> ReLU -> 1x1 conv: the ResNeXt/RegNet pattern."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: tuple[int, int] = (3, 3)) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 16, 1)
-        self.b = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.b = nn.Conv2d(16, 16, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=4)
         self.bn = nn.BatchNorm2d(16)
         self.c = nn.Conv2d(16, 8, 1)
         self.fc = nn.Linear(8, 5)
