@@ -50,15 +50,20 @@ def _rate(n: int, channels: int) -> float:
     return r
 
 
+def _cost_model(model: nn.Module, x: torch.Tensor) -> tuple[list, _CostModel]:
+    """The prunable groups of ``model`` and the budget's cost model over them, for input ``x``."""
+    graph = build_dependency_graph(model, x)
+    groups = [g for g in find_groups(model, x, graph=graph) if g.prunable]
+    return groups, _CostModel(model, graph, groups, tuple(x.shape[1:]))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_cost_model_equals_the_pruned_network(seed):
     torch.manual_seed(0)
     model = Mixed().eval()
     x = torch.randn(1, 3, 4, 4)
-    graph = build_dependency_graph(model, x)
-    groups = [g for g in find_groups(model, x, graph=graph) if g.prunable]
+    groups, cost = _cost_model(model, x)
     assert {g.members[0] for g in groups} >= {"a", "g", "b", "up", "c"}
-    cost = _CostModel(model, graph, groups, (3, 4, 4))
     base = flops.count(model, (3, 4, 4))
     assert cost([0] * len(groups)) == (base.macs, base.params)
     rng = np.random.default_rng(seed)
@@ -79,9 +84,7 @@ def test_cost_model_single_groups_one_at_a_time():
     torch.manual_seed(1)
     model = Mixed().eval()
     x = torch.randn(1, 3, 4, 4)
-    graph = build_dependency_graph(model, x)
-    groups = [g for g in find_groups(model, x, graph=graph) if g.prunable]
-    cost = _CostModel(model, graph, groups, (3, 4, 4))
+    groups, cost = _cost_model(model, x)
     scores = {n: np.arange(m.out_channels, dtype=float) for n, m in model.named_modules() if is_conv(m)}
     for i, g in enumerate(groups):
         k = g.blocks * max(1, (g.channels // g.blocks) // 2)
@@ -240,10 +243,9 @@ def _odd_setup():
     torch.manual_seed(2)
     model = Odd().eval()
     x = torch.randn(1, 3, 5, 6)
-    graph = build_dependency_graph(model, x)
-    groups = [g for g in find_groups(model, x, graph=graph) if g.prunable]
+    groups, cost = _cost_model(model, x)
     assert [g.members for g in groups] == [("a", "b"), ("n",)]
-    return model, x, groups, _CostModel(model, graph, groups, (3, 5, 6))
+    return model, x, groups, cost
 
 
 def test_cost_model_hand_counts_non_square_kernels_crelu_and_a_conv_with_a_child_parameter():
@@ -265,9 +267,7 @@ def test_cost_model_counts_are_exact_integers():
     torch.manual_seed(0)
     model = Mixed().eval()  # plain, depthwise, grouped, transposed convs and a linear
     x = torch.randn(1, 3, 4, 4)
-    graph = build_dependency_graph(model, x)
-    groups = [g for g in find_groups(model, x, graph=graph) if g.prunable]
-    cost = _CostModel(model, graph, groups, (3, 4, 4))
+    groups, cost = _cost_model(model, x)
     for counts in ([0] * len(groups), [g.blocks for g in groups]):
         macs, params = cost(counts)
         assert type(macs) is int and type(params) is int, (macs, params)
