@@ -126,6 +126,7 @@ def run_grid(args: argparse.Namespace) -> None:
                 "warmup_epochs": min(0.5, float(args.epochs)),
                 "distill_weight": args.distill_weight if recipe_name == "distill" else 0.0,
                 "distill_temperature": args.distill_temperature}, "experiment").validate()
+            cell_train = ft_train
             if criterion == "dense":
                 model = copy.deepcopy(base)
                 row: dict = {}
@@ -141,19 +142,69 @@ def run_grid(args: argparse.Namespace) -> None:
                                                          seed=seed + 2), 512)
                 row["after_recalibration"] = accuracy(model, ("val",))
             counts = flops.count(model)
-            torch.manual_seed(seed)
             teacher = base if recipe.distill_weight > 0 else None
-            result = fit(model, make_train_batches(ft_train, recipe, normalization=norm, device=device, seed=seed),
+            if args.minutes:  # as many images as this model and recipe train in the budget, measured here
+                rate = _images_per_second(model, teacher, recipe, ft_train, norm, device, seed,
+                                          sdir / f"{criterion}-{recipe_name}-calibration")
+                cell_train, recipe = _budget_epochs(ft_train, recipe, rate * args.minutes * 60, seed)
+                row["budget"] = {"minutes": args.minutes, "images_per_second": rate,
+                                 "images_seen": len(cell_train) * recipe.epochs,
+                                 "epochs": recipe.epochs, "images_per_epoch": len(cell_train)}
+                print(f"seed {seed} {criterion} {recipe_name}: {rate:.1f} img/s -> {recipe.epochs} epoch(s) of "
+                      f"{len(cell_train)} images in {args.minutes} min", flush=True)
+            torch.manual_seed(seed)
+            t_fit = time.perf_counter()
+            result = fit(model, make_train_batches(cell_train, recipe, normalization=norm, device=device, seed=seed),
                          evals["val"], recipe, out_dir=sdir / f"{criterion}-{recipe_name}", overwrite=True,
                          progress=False, printer=lambda s: None, teacher=teacher, tensorboard=False)
+            fit_seconds = time.perf_counter() - t_fit
             after = accuracy(model, ("test", "lossless"))
             row.update({"after_finetune": {"val": result.val["top1"], **after}, "best_epoch": result.best_epoch,
+                        "fit_seconds": fit_seconds,
                         "macs": counts.macs, "params": counts.params, "seconds": time.perf_counter() - t0,
                         "recipe": recipe.to_json(),
-                        "train_images": len(ft_train), "machine": machine})
+                        "train_images": len(cell_train), "machine": machine})
             _write_json(sdir / f"{criterion}-{recipe_name}.json", row)
             print(f"seed {seed} {criterion} {recipe_name}: {json.dumps(row['after_finetune'])} "
                   f"({row['seconds'] / 60:.1f} min)", flush=True)
+
+
+def _images_per_second(model: torch.nn.Module, teacher: torch.nn.Module | None, recipe: recipes.Recipe,
+                       train, norm: Normalization, device: torch.device, seed: int, tmp: Path) -> float:
+    """Training images per second of this model and recipe (teacher included), on this machine now.
+
+    Two short fits on copies (4 and 20 batches); the difference of their wall times is the cost of 16 steps,
+    free of the per-fit set-up, so the estimate is what the long run will pay per image.
+    """
+    probe = recipes.apply_overrides(recipe, {"epochs": 1, "warmup_epochs": 0.0}, "calibration").validate()
+    seconds = []
+    # the same one-batch validation in both fits: its cost cancels in the difference
+    val = make_eval_batches(train.subset(torch.arange(min(len(train), 128))), normalization=norm, device=device)
+    for n in (4, 20):
+        sub = train.subset(torch.arange(n * recipe.batch_size) % len(train))
+        t = time.perf_counter()
+        fit(copy.deepcopy(model), make_train_batches(sub, probe, normalization=norm, device=device, seed=seed),
+            val, probe, out_dir=tmp, overwrite=True, progress=False, printer=lambda s: None, teacher=teacher,
+            tensorboard=False, save_final=False)
+        seconds.append(time.perf_counter() - t)
+    return 16 * recipe.batch_size / max(1e-9, seconds[1] - seconds[0])
+
+
+def _budget_epochs(train, recipe: recipes.Recipe, images: float, seed: int):
+    """The training set and recipe that see ``images`` images: whole epochs over every training image, the
+    images beyond the last whole epoch spread over the epochs (a seeded draw repeated in each), the warm-up
+    kept at the grid's 5,000 images."""
+    n = len(train)
+    epochs = max(1, int(images // n))
+    per_epoch = max(recipe.batch_size, int(images / epochs) // recipe.batch_size * recipe.batch_size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 11))
+    if per_epoch >= n:
+        index = torch.cat([torch.arange(n), order[: per_epoch - n].sort().values])
+    else:
+        index = order[:per_epoch].sort().values
+    recipe = recipes.apply_overrides(recipe, {"epochs": epochs, "warmup_epochs": min(0.5, 5000 / per_epoch)},
+                                     "budget").validate()
+    return train.subset(index), recipe
 
 
 def summary(out: Path) -> str:
@@ -203,6 +254,9 @@ def main() -> None:
     ap.add_argument("--train-subset", type=int, default=None, help="fine-tune on this many training images")
     ap.add_argument("--val-images", type=int, default=None,
                     help="select epochs (and report val) on the first N of the 5,000 validation images")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="fine-tune each cell for as many images as it trains in this many minutes (measured "
+                         "per cell on this machine; replaces --epochs; whole epochs over the training set)")
     ap.add_argument("--rank-images", type=int, default=500)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--force", action="store_true", help="redo cells that exist")
