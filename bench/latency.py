@@ -41,7 +41,6 @@ from hrank.prune import apply_plan
 from hrank.spec import Spec
 
 ARCH = "resnet_56"
-INPUT = (3, 32, 32)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-order", default=None, help="hrank.budget order (default: the library's)")
     ap.add_argument("--round-to", type=int, default=None,
                     help="width multiple of the budget search (default: the library's; 1 = exact channels)")
-    ap.add_argument("--checkpoint", default=None, help="ResNet-56 weights (default: random)")
+    ap.add_argument("--model", default=ARCH, help="registry name or external reference, e.g. "
+                    "torchvision:mobilenet_v2 (default %(default)s)")
+    ap.add_argument("--input-size", type=int, default=None, help="image side (default: 32, or 224 for external models)")
+    ap.add_argument("--checkpoint", default=None, help="weights of --model (default: random)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 128], help="batch sizes (default 1 128)")
     ap.add_argument("--repeats", type=int, default=15, help="timed runs per measurement (default 15)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
@@ -62,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-latency", type=float, default=None,
                     help="also time a model pruned to this fraction of the dense latency (hrank.latency), searched "
                          "on --latency-runtime at --latency-batch")
-    ap.add_argument("--latency-runtime", default="torch", choices=("torch", "onnxruntime"))
+    ap.add_argument("--latency-runtime", default="torch", choices=("torch", "torchscript", "onnxruntime"))
     ap.add_argument("--latency-batch", type=int, default=1)
+    ap.add_argument("--torchscript", action="store_true",
+                    help="also time the models traced and frozen to TorchScript (channels_last)")
     ap.add_argument("--fold-bn", action="store_true",
                     help="also time dense and pruned with BatchNorm folded into the convs (hrank.fold)")
     ap.add_argument("--layouts", nargs="+", choices=("nchw", "channels_last"), default=["nchw", "channels_last"],
@@ -73,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    dense = models.create(ARCH).eval()
+    side = args.input_size or (224 if ":" in args.model else 32)
+    INPUT = (3, side, side)
+    dense = models.create(args.model).eval()
     if args.checkpoint:
         models.load_checkpoint(dense, args.checkpoint)
     scores = random_scores(dense)  # which channels survive does not change the cost
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"order": args.budget_order} if args.budget_order else {}
         if args.round_to is not None:
             extra["round_to"] = args.round_to
-        result = find_budget(dense, scores, target=args.target, **extra)
+        result = find_budget(dense, scores, target=args.target, input_size=INPUT, **extra)
         spec = result.spec
         label = (f"rates found for {args.target:.0%} of the MACs, order {args.budget_order or 'default'}, "
                  f"widths in multiples of {result.round_to}")
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     macs["mask"] = macs["dense"]  # a masked model runs every multiply; its zeros are still computed
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
 
-    print(f"# {ARCH} latency: dense vs pruned ({label}: {flops.format_count(macs['physical'])} of "
+    print(f"# {args.model} at {side}x{side} latency: dense vs pruned ({label}: "
+          f"{flops.format_count(macs['physical'])} of "
           f"{flops.format_count(macs['dense'])} MACs) vs mask mode")
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads, python {sys.version.split()[0]}; median of {args.repeats} runs "
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                              layout="channels_last" if "channels_last" in args.layouts else "nchw")
         t0 = time.perf_counter()
         try:
-            found = find_latency_budget(dense, scores, target=args.target_latency, setup=setup)
+            found = find_latency_budget(dense, scores, target=args.target_latency, setup=setup, input_size=INPUT)
         except HRankError as e:
             print(f"hrank: error: {e}", file=sys.stderr)
             return 2
@@ -145,14 +152,16 @@ def main(argv: list[str] | None = None) -> int:
                      lat["dense"].median_ms)
         for m in named.values():
             m.to("cpu", memory_format=torch.contiguous_format)
+    if args.torchscript:
+        _torchscript_rows(named, INPUT, macs, args)
     if args.onnxruntime:
         exported = {"dense": dense, "physical": pruned}
         if "lat-budget" in named:
             exported["lat-budget"] = named["lat-budget"]
-        sessions = _onnxruntime_sessions(exported)  # dynamic batch axis: export once
+        sessions = _onnxruntime_sessions(exported, INPUT)  # dynamic batch axis: export once
         for batch in args.batches:
             lat = {name: summarise_latency(samples, batch, "cpu")
-                   for name, samples in _onnxruntime_times(sessions, batch, args).items()}
+                   for name, samples in _onnxruntime_times(sessions, batch, INPUT, args).items()}
             for name, stats in lat.items():
                 _row("cpu", "onnxruntime", batch, name, macs, stats.median_ms, stats.p10_ms, stats.p90_ms,
                      lat["dense"].median_ms)
@@ -173,7 +182,28 @@ def _row(device: str, layout: str, batch: int, name: str, macs: dict[str, int], 
           f"{median:>10.2f} {p10:>7.2f}-{p90:<7.2f} {speedup:>7.2f}x {100 * speedup / reduction:>10.0f}%")
 
 
-def _onnxruntime_sessions(named: dict[str, torch.nn.Module]) -> dict:
+def _torchscript_rows(named: dict[str, torch.nn.Module], input_size: tuple[int, ...], macs: dict[str, int],
+                      args: argparse.Namespace) -> None:
+    """Each model traced and frozen (BatchNorm folded by the freeze, as ``hrank export`` saves it), channels_last,
+    timed in alternation through the ``torchscript`` latency runtime."""
+    from hrank.latency import LatencySetup, make_runtime
+
+    for batch in args.batches:
+        runtime = make_runtime(LatencySetup(runtime="torchscript", batch_size=batch, threads=args.threads))
+        x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(0))
+        runs = {name: runtime.prepare(copy.deepcopy(m).cpu(), x) for name, m in named.items()
+                if name in ("dense", "physical", "lat-budget")}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                times[name] += runtime.times(run, 1, args.warmup)
+        lat = {name: summarise_latency(t, batch, "cpu") for name, t in times.items()}
+        for name, stats in lat.items():
+            _row("cpu", "torchscript", batch, name, macs, stats.median_ms, stats.p10_ms, stats.p90_ms,
+                 lat["dense"].median_ms)
+
+
+def _onnxruntime_sessions(named: dict[str, torch.nn.Module], input_size: tuple[int, ...]) -> dict:
     """Each model exported to ONNX (checked against PyTorch) and opened as an onnxruntime CPU session."""
     import onnxruntime as ort
 
@@ -186,14 +216,15 @@ def _onnxruntime_sessions(named: dict[str, torch.nn.Module]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in named.items():
             path = os.path.join(tmp, f"{name}.onnx")
-            export_onnx(model, path, INPUT)
+            export_onnx(model, path, input_size)
             sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return sessions
 
 
-def _onnxruntime_times(sessions: dict, batch: int, args: argparse.Namespace) -> dict[str, list[float]]:
+def _onnxruntime_times(sessions: dict, batch: int, input_size: tuple[int, ...], args: argparse.Namespace
+                       ) -> dict[str, list[float]]:
     """Milliseconds per run of each session, timed in alternation as compare_latency does for PyTorch."""
-    x = np.random.default_rng(0).standard_normal((batch, *INPUT), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32)
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(args.repeats):
         for name, sess in sessions.items():

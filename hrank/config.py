@@ -52,6 +52,12 @@ def _exporters() -> list[str]:
     return export.names()
 
 
+def _latency_runtimes() -> tuple[str, ...]:
+    from hrank.latency import RUNTIMES
+
+    return RUNTIMES
+
+
 KEYS: dict[str, Key] = {
     # what to prune
     "model": Key((str,), None, "the model: a registry name (hrank info), torchvision:NAME, timm:NAME or "
@@ -102,7 +108,8 @@ KEYS: dict[str, Key] = {
     "target_latency": Key((float, type(None)), None, "find rates whose pruned, BN-folded model runs in this fraction "
                                                      "of the dense model's latency measured on this machine "
                                                      "(latency_runtime, latency_target_batch, latency_layout)"),
-    "latency_runtime": Key((str,), "torch", "runtime a latency target is measured on", ("torch", "onnxruntime")),
+    "latency_runtime": Key((str,), "torch", "runtime a latency target is measured on: torch (eager), torchscript "
+                                            "(traced and frozen, as exported), onnxruntime", _latency_runtimes),
     "latency_target_batch": Key((int,), 1, "batch size a latency target is measured at"),
     "latency_threads": Key((int, type(None)), None, "CPU threads a latency target is measured with (default: "
                                                     "torch's)"),

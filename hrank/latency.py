@@ -36,7 +36,7 @@ from hrank.budget import BudgetResult
 from hrank.errors import HRankError
 from hrank.io import atomic_write_json
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "torchscript", "onnxruntime")
 LAYOUTS = ("channels_last", "nchw")
 TOLERANCE = 0.1  # measured latency within 10% of the target
 ROUNDS = 4  # search + end-to-end measurement rounds at most
@@ -137,6 +137,31 @@ class TorchRuntime(_Timed):
         return run
 
 
+class TorchScriptRuntime(TorchRuntime):
+    """The module traced and frozen to TorchScript (what ``hrank.export.export_torchscript`` saves), run under
+    ``inference_mode`` in the setup's layout: no Python per module, weights folded in as constants."""
+
+    def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+        import warnings
+
+        dev = torch.device(self.setup.device)
+        module = module.eval().to(dev)
+        x = x.to(dev)
+        if self.setup.layout == "channels_last" and x.dim() == 4:
+            module = module.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.freeze(torch.jit.trace(module, x).eval())
+
+        def run() -> None:
+            with torch.inference_mode():
+                scripted(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        return run
+
+
 class OnnxRuntime(_Timed):
     """The module exported to ONNX and run by onnxruntime on the CPU (all graph optimizations on)."""
 
@@ -184,7 +209,7 @@ def time_runs(run: Callable[[], None], setup: LatencySetup, repeats: int, warmup
 
 def make_runtime(setup: LatencySetup) -> TorchRuntime | OnnxRuntime:
     setup.check()
-    return TorchRuntime(setup) if setup.runtime == "torch" else OnnxRuntime(setup)
+    return {"torch": TorchRuntime, "torchscript": TorchScriptRuntime, "onnxruntime": OnnxRuntime}[setup.runtime](setup)
 
 
 # -- the per-layer table --------------------------------------------------------------------------------------

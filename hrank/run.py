@@ -67,7 +67,7 @@ def rate_options(cfg: dict[str, Any], device: torch.device | None = None) -> pip
     if cfg["target_latency"] is not None:
         from hrank.latency import LatencySetup
 
-        on = str(device) if device is not None and cfg["latency_runtime"] == "torch" else "cpu"
+        on = str(device) if device is not None and cfg["latency_runtime"] != "onnxruntime" else "cpu"
         latency = LatencySetup(runtime=cfg["latency_runtime"], batch_size=cfg["latency_target_batch"],
                                layout=cfg["latency_layout"], threads=cfg["latency_threads"], device=on)
         cache = Path(os.environ.get("HRANK_CACHE") or Path.home() / ".cache" / "hrank")

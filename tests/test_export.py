@@ -69,7 +69,7 @@ def test_onnx_export_of_remapped_shortcut(tmp_path):
 
 def test_torchscript_export_roundtrip(tmp_path):
     model = _trained_like().train()
-    check = export_torchscript(model, tmp_path / "m.ts", fold_bn=False)
+    check = export_torchscript(model, tmp_path / "m.ts", fold_bn=False, freeze=False)
     assert check.max_abs_diff == 0.0  # the traced graph runs the same kernels: bit-identical outputs
     assert check.batchnorm_left == 19 and check.note == ""
     assert model.training  # mode restored
@@ -93,6 +93,21 @@ def test_torchscript_export_folds_batchnorm_by_default(tmp_path):
         ref, got = model(x), loaded(x)
     assert not torch.equal(ref, got)  # other arithmetic (folded weights) ...
     assert float((got - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))  # ... same function
+
+
+def test_torchscript_export_is_frozen_by_default(tmp_path):
+    model = _trained_like()
+    check = export_torchscript(model, tmp_path / "m.ts", fold_bn=False)  # freezing folds BatchNorm by itself
+    loaded = torch.jit.load(str(tmp_path / "m.ts"))
+    assert list(loaded.parameters()) == []  # weights are constants of the graph
+    assert check.batchnorm_left == 0 and check.note == ""
+    traced = export_torchscript(model, tmp_path / "t.ts", fold_bn=False, freeze=False)
+    assert len(list(torch.jit.load(str(tmp_path / "t.ts")).parameters())) == len(list(model.parameters()))
+    assert traced.batchnorm_left == 19
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref, got = model.eval()(x), loaded(x)
+    assert float((got - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
 
 
 def test_onnx_export_saves_the_optimized_graph_without_batchnorm(tmp_path):

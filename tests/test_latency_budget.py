@@ -128,7 +128,8 @@ def test_bad_targets_and_setups_are_one_clear_error(tmp_path):
         LatencySetup(batch_size=0).check()
 
 
-def test_real_torch_runtime_end_to_end_on_a_small_cnn():
+@pytest.mark.parametrize("runtime", ["torch", "torchscript"])
+def test_real_torch_runtime_end_to_end_on_a_small_cnn(runtime):
     # the measuring path itself (timings are not asserted: this machine's load is not ours)
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
@@ -136,7 +137,8 @@ def test_real_torch_runtime_end_to_end_on_a_small_cnn():
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
     scores = {n: torch.rand(m.out_channels).numpy() for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
     res = find_latency_budget(net, scores, target=0.6, input_size=(3, 32, 32), tolerance=0.5, rounds=2,
-                              setup=LatencySetup(batch_size=4, threads=1, repeats=3, warmup=1))
+                              setup=LatencySetup(runtime=runtime, batch_size=4, threads=1, repeats=3, warmup=1))
+    assert res.setup.runtime == runtime
     assert res.dense_ms > 0 and res.pruned_ms > 0 and res.measured == pytest.approx(res.pruned_ms / res.dense_ms)
     assert 1 <= res.rounds <= 2 and len(res.history) >= res.rounds
     assert res.macs < flops.count(net).macs

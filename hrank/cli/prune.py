@@ -22,6 +22,7 @@ from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_device_arg, finite_fl
 from hrank.datasets import DataOptions
 from hrank.errors import HRankError
 from hrank.io import FreshOutput, atomic_write_json, check_output
+from hrank.latency import LAYOUTS, RUNTIMES
 
 ORDERS = config.KEYS["budget_order"].choices  # hrank.budget's, without importing it for --help
 ORDER_DEFAULT = config.KEYS["budget_order"].default
@@ -63,11 +64,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--target-latency", type=finite_float, default=None,
                      help="instead of rates: find rates whose pruned model runs in this fraction of the dense "
                           "model's latency, measured on this machine (--latency-*; hrank.latency)")
-    src.add_argument("--latency-runtime", default="torch", choices=["torch", "onnxruntime"],
+    src.add_argument("--latency-runtime", default="torch", choices=RUNTIMES,
                      help="runtime the latency target is measured on (default %(default)s)")
     src.add_argument("--latency-batch", type=POSITIVE_INT, default=1,
                      help="batch size of the latency target (default %(default)s)")
-    src.add_argument("--latency-layout", default="channels_last", choices=["channels_last", "nchw"],
+    src.add_argument("--latency-layout", default="channels_last", choices=LAYOUTS,
                      help="memory format of the torch runtime (default %(default)s)")
     src.add_argument("--latency-threads", type=POSITIVE_INT, default=None,
                      help="CPU threads of the latency target (default: torch's)")
@@ -135,7 +136,7 @@ def _rate_options(args: argparse.Namespace, device: Any = None) -> pipeline.Rate
 
         latency = LatencySetup(runtime=args.latency_runtime, batch_size=args.latency_batch,
                                layout=args.latency_layout, threads=args.latency_threads,
-                               device=str(device) if device is not None and args.latency_runtime == "torch" else "cpu")
+                               device="cpu" if device is None or args.latency_runtime == "onnxruntime" else str(device))
         cache = args.latency_cache or Path(os.environ.get("HRANK_CACHE") or Path.home() / ".cache" / "hrank")
     return pipeline.RateOptions(compress_rate=args.compress_rate, rates=args.rates, rates_file=args.rates_file,
                                 ignore=args.ignore, target_macs=args.target_macs, target_params=args.target_params,
