@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import statistics
 import time
@@ -36,6 +35,7 @@ from hrank import flops, models, recipes
 from hrank.budget import find_budget
 from hrank.criteria import weight_scores
 from hrank.data import Batches, Normalization, load_batch_files, load_cifar
+from hrank.io import atomic_write_json
 from hrank.plan import make_plan
 from hrank.prune import apply_plan, recalibrate_bn
 from hrank.ranks import Ranks, compute_scores
@@ -45,13 +45,6 @@ from hrank.train import evaluate, fit, make_eval_batches, make_train_batches, sp
 CRITERIA = ("hrank", "chip", "l1", "random")
 RECIPES = ("plain", "distill")
 SPLITS = ("val", "test", "lossless")
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def run_grid(args: argparse.Namespace) -> None:
@@ -113,7 +106,7 @@ def run_grid(args: argparse.Namespace) -> None:
                      "dense": accuracy(base)}
             for name, ranks in scores.items():
                 ranks.save(sdir / f"{name}.npz")
-            _write_json(info_path, setup)
+            atomic_write_json(info_path, setup)
         print(f"seed {seed}: widths {setup['spec']} -> {flops.format_count(setup['macs'])} MACs "
               f"({setup['macs'] / setup['baseline_macs']:.1%}); dense {setup['dense']}", flush=True)
         spec = Spec.from_string(base, setup["spec"])  # the recorded widths, the same for every cell of the seed
@@ -164,7 +157,7 @@ def run_grid(args: argparse.Namespace) -> None:
                         "macs": counts.macs, "params": counts.params, "seconds": time.perf_counter() - t0,
                         "recipe": recipe.to_json(),
                         "train_images": len(cell_train), "machine": machine})
-            _write_json(sdir / f"{criterion}-{recipe_name}.json", row)
+            atomic_write_json(sdir / f"{criterion}-{recipe_name}.json", row)
             print(f"seed {seed} {criterion} {recipe_name}: {json.dumps(row['after_finetune'])} "
                   f"({row['seconds'] / 60:.1f} min)", flush=True)
 

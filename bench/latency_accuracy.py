@@ -33,19 +33,13 @@ from hrank import flops, models, recipes
 from hrank.budget import find_budget
 from hrank.data import Batches, Normalization, load_batch_files, load_cifar
 from hrank.errors import HRankError
+from hrank.io import atomic_write_json
 from hrank.latency import LatencySetup, compare_end_to_end, deployed, find_latency_budget, make_runtime
 from hrank.plan import make_plan
 from hrank.prune import apply_plan, recalibrate_bn
 from hrank.ranks import compute_scores
 from hrank.spec import Spec
 from hrank.train import evaluate, fit, make_eval_batches, make_train_batches, split_train_val
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def equal_latency_mac_model(base: torch.nn.Module, scores, ratio: float, runtime, dense_run, x: torch.Tensor,
@@ -74,6 +68,11 @@ def equal_latency_mac_model(base: torch.nn.Module, scores, ratio: float, runtime
             lo = t
     assert best is not None
     return best
+
+
+def _counts(model: torch.nn.Module) -> dict[str, int]:
+    c = flops.count(model)
+    return {"macs": c.macs, "params": c.params}
 
 
 def main() -> None:
@@ -125,7 +124,7 @@ def main() -> None:
                                       progress=lambda s: print("  " + s, flush=True))
         except HRankError as e:
             print(f"  refused: {e}", flush=True)
-            _write_json(path, {"runtime": name, "batch": args.batch, "refused": str(e), "machine": machine})
+            atomic_write_json(path, {"runtime": name, "batch": args.batch, "refused": str(e), "machine": machine})
             found[name] = json.loads(path.read_text())
             continue
         search_s = time.perf_counter() - t0
@@ -140,18 +139,16 @@ def main() -> None:
         row = {"runtime": name, "batch": args.batch, "threads": torch.get_num_threads(), "machine": machine,
                "target": args.target, "search_seconds": search_s, "search_measured_ratio": lat.measured,
                "side_by_side_ms": side, "dense_macs": flops.count(base).macs,
-               "latency_model": {"spec": lat.hrank_string(),
-                                 "macs": flops.count(lat_model).macs, "params": flops.count(lat_model).params,
+               "latency_model": {"spec": lat.hrank_string(), "macs": lat.macs, "params": lat.params,
                                  "ratio": side["latency"] / side["dense"]},
                "mac_model": {"mac_target": mac_target, "bisection_ratio": mac_ratio,
-                             "spec": mac_spec.to_hrank_string(),
-                             "macs": flops.count(mac_model).macs, "params": flops.count(mac_model).params,
+                             "spec": mac_spec.to_hrank_string(), **_counts(mac_model),
                              "ratio": side["mac"] / side["dense"]}}
         print(f"  side by side: dense {side['dense']:.3f} ms, latency-budget {side['latency']:.3f} ms "
               f"({row['latency_model']['ratio']:.1%}, {row['latency_model']['macs'] / row['dense_macs']:.1%} MACs), "
               f"MAC-budget {side['mac']:.3f} ms ({row['mac_model']['ratio']:.1%}, "
               f"{row['mac_model']['macs'] / row['dense_macs']:.1%} MACs)", flush=True)
-        _write_json(path, row)
+        atomic_write_json(path, row)
         found[name] = row
 
     # -- phase 2: accuracy after recalibration and after the same short fine-tune ------------------------------
@@ -187,7 +184,7 @@ def main() -> None:
             row[kind]["after_finetune"] = {"val": result.val["top1"],
                                            **{s: evaluate(model, evals[s])["top1"] for s in ("test", "lossless")}}
             row[kind]["finetune_seconds"] = time.perf_counter() - t0
-            _write_json(out / f"{name}-b{args.batch}.json", row)
+            atomic_write_json(out / f"{name}-b{args.batch}.json", row)
             print(f"{name} {kind}: after recal. {row[kind]['after_recalibration']}, after fine-tune "
                   f"{row[kind]['after_finetune']}", flush=True)
     print(json.dumps(found, indent=1))

@@ -128,38 +128,30 @@ class TorchRuntime(_Timed):
         if self.setup.layout == "channels_last" and x.dim() == 4:
             module = module.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
+        forward = self._compiled(module, x)
 
         def run() -> None:
             with torch.inference_mode():
-                module(x)
+                forward(x)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
         return run
+
+    def _compiled(self, module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+        """What runs the placed module: itself (eager)."""
+        return module
 
 
 class TorchScriptRuntime(TorchRuntime):
     """The module traced and frozen to TorchScript (what ``hrank.export.export_torchscript`` saves), run under
     ``inference_mode`` in the setup's layout: no Python per module, weights folded in as constants."""
 
-    def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def _compiled(self, module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
         import warnings
 
-        dev = torch.device(self.setup.device)
-        module = module.eval().to(dev)
-        x = x.to(dev)
-        if self.setup.layout == "channels_last" and x.dim() == 4:
-            module = module.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scripted = torch.jit.freeze(torch.jit.trace(module, x).eval())
-
-        def run() -> None:
-            with torch.inference_mode():
-                scripted(x)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-        return run
+            return torch.jit.freeze(torch.jit.trace(module, x).eval())
 
 
 class OnnxRuntime(_Timed):
