@@ -208,10 +208,9 @@ def _onnxruntime_sessions(named: dict[str, torch.nn.Module], input_size: tuple[i
     import onnxruntime as ort
 
     from hrank.export import export_onnx
+    from hrank.latency import ort_timing_options
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
+    options = ort_timing_options()  # idle workers stop spinning, so sessions timed in alternation do not collide
     sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in named.items():

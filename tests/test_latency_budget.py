@@ -128,9 +128,11 @@ def test_bad_targets_and_setups_are_one_clear_error(tmp_path):
         LatencySetup(batch_size=0).check()
 
 
-@pytest.mark.parametrize("runtime", ["torch", "torchscript"])
+@pytest.mark.parametrize("runtime", ["torch", "torchscript", "onnxruntime"])
 def test_real_torch_runtime_end_to_end_on_a_small_cnn(runtime):
     # the measuring path itself (timings are not asserted: this machine's load is not ours)
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                         nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
@@ -142,6 +144,20 @@ def test_real_torch_runtime_end_to_end_on_a_small_cnn(runtime):
     assert res.dense_ms > 0 and res.pruned_ms > 0 and res.measured == pytest.approx(res.pruned_ms / res.dense_ms)
     assert 1 <= res.rounds <= 2 and len(res.history) >= res.rounds
     assert res.macs < flops.count(net).macs
+
+
+def test_onnxruntime_sessions_are_timed_without_idle_spinning():
+    # sessions timed in alternation must not keep spinning on the cores after their run (see ort_timing_options)
+    pytest.importorskip("onnxruntime")
+    from hrank.latency import ort_timing_options
+
+    opts = ort_timing_options(3)
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert opts.intra_op_num_threads == 3 and opts.inter_op_num_threads == 1
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "get_num_threads", lambda: 5)
+        assert ort_timing_options().intra_op_num_threads == 5
 
 
 def test_cli_latency_target_errors_are_one_line(tmp_path, capsys):
