@@ -137,8 +137,9 @@ def run_grid(args: argparse.Namespace) -> None:
             counts = flops.count(model)
             teacher = base if recipe.distill_weight > 0 else None
             if args.minutes:  # as many images as this model and recipe train in the budget, measured here
-                rate = _images_per_second(model, teacher, recipe, ft_train, norm, device, seed,
-                                          sdir / f"{criterion}-{recipe_name}-calibration")
+                rate = args.images_per_second or _images_per_second(
+                    model, teacher, recipe, ft_train, norm, device, seed,
+                    sdir / f"{criterion}-{recipe_name}-calibration")
                 cell_train, recipe = _budget_epochs(ft_train, recipe, rate * args.minutes * 60, seed)
                 row["budget"] = {"minutes": args.minutes, "images_per_second": rate,
                                  "images_seen": len(cell_train) * recipe.epochs,
@@ -250,12 +251,17 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None,
                     help="fine-tune each cell for as many images as it trains in this many minutes (measured "
                          "per cell on this machine; replaces --epochs; whole epochs over the training set)")
+    ap.add_argument("--images-per-second", type=float, default=None,
+                    help="with --minutes: this rate instead of measuring one (a variant, such as another --lr, then "
+                         "sees exactly the images of the reference cell measured at this rate)")
     ap.add_argument("--rank-images", type=int, default=500)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--force", action="store_true", help="redo cells that exist")
     ap.add_argument("--summary", action="store_true", help="print the table of the cells under --out and stop")
     ap.add_argument("--out", default="runs/experiment_resnet56")
     args = ap.parse_args()
+    if args.images_per_second is not None and (not args.minutes or not args.images_per_second > 0):
+        ap.error("--images-per-second needs --minutes and a positive rate")
     if not args.summary:
         t0 = time.perf_counter()
         run_grid(args)
