@@ -27,6 +27,8 @@ class Key:
     help: str
     choices_from: tuple[str, ...] | Callable[[], Sequence[str]] | None = None  # fixed, or a registry's names
     affects_results: bool = True  # False for keys that may change between runs of one run directory
+    # a key with affects_results=False that does determine the results while this other key is set (not None)
+    affects_results_with: str | None = None
 
     @property
     def choices(self) -> tuple[str, ...] | None:
@@ -135,9 +137,11 @@ KEYS: dict[str, Key] = {
     "latency": Key((bool,), True, "measure inference latency of the baseline and the pruned model",
                    affects_results=False),
     "latency_batch": Key((int,), 128, "batch size of the batched latency measurement", affects_results=False),
-    "latency_layout": Key((str,), "channels_last", "memory format of the latency measurement: channels_last (the "
-                                                  "fast layout for CNN inference on CPU) or nchw",
-                          ("channels_last", "nchw"), affects_results=False),
+    "latency_layout": Key((str,), "channels_last", "memory format of the latency measurement and of a latency "
+                                                  "target's: channels_last (the fast layout for CNN inference on "
+                                                  "CPU) or nchw",
+                          ("channels_last", "nchw"), affects_results=False,
+                          affects_results_with="target_latency"),  # with a target it decides the rates
     "export": Key((list, str), ["onnx", "torchscript"], "export formats for the final model: onnx, torchscript",
                   affects_results=False),
 }
@@ -259,4 +263,9 @@ def baseline_recipe(cfg: dict[str, Any]) -> recipes.Recipe:
 
 def identity(cfg: dict[str, Any]) -> dict[str, Any]:
     """The keys that determine a run's results (a run directory belongs to one identity)."""
-    return {k: v for k, v in cfg.items() if KEYS[k].affects_results}
+    def counts(key: str) -> bool:
+        spec = KEYS[key]
+        return spec.affects_results or (spec.affects_results_with is not None
+                                        and cfg.get(spec.affects_results_with) is not None)
+
+    return {k: v for k, v in cfg.items() if counts(k)}

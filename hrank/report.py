@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from hrank.errors import HRankError
 from hrank.flops import format_count
-from hrank.io import atomic_save_with, atomic_write_text
+from hrank.io import atomic_save_with, atomic_write_text, read_json
 
 STAGE_COLUMNS = [  # (key, header, formatter); accuracies are percentages, as hrank.train.evaluate returns
     ("macs", "MACs", lambda v: format_count(v)),
@@ -244,6 +244,75 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> tupl
     return md_path, html_path
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, list) and all(_is_number(v) for v in values)
+
+
+def _summary_problem(summary: Any) -> str | None:
+    """What makes ``summary`` unusable for :func:`write_report` (None when it is a run summary's shape)."""
+    if not isinstance(summary, dict):
+        return f"it holds {type(summary).__name__}, expected a mapping"
+    for key in ("title", "stages"):
+        if key not in summary:
+            return f"no {key!r}"
+    for key, kind in (("title", str), ("headline", str), ("facts", dict), ("stages", list), ("layers", list),
+                      ("curves", list), ("notes", list)):
+        if key in summary and not isinstance(summary[key], kind):
+            return f"{key!r} is {type(summary[key]).__name__}, expected {kind.__name__}"
+    if not summary["stages"]:
+        return "'stages' is empty"
+    for i, stage in enumerate(summary["stages"]):
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str):
+            return f"stages[{i}] is not a mapping with a name"
+        bad = [k for k, _, _ in STAGE_COLUMNS if stage.get(k) is not None and not _is_number(stage[k])]
+        if bad:
+            return f"stages[{i}].{bad[0]} is not a number"
+    for i, layer in enumerate(summary.get("layers", [])):
+        if not isinstance(layer, dict) or not isinstance(layer.get("name"), str):
+            return f"layers[{i}] is not a mapping with a name"
+        before, after = layer.get("before"), layer.get("after")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (before, after)):
+            return f"layers[{i}] has no channel counts 'before' and 'after'"
+        for key in ("mean_rank_kept", "mean_rank_removed"):
+            if layer.get(key) is not None and not _is_number(layer[key]):
+                return f"layers[{i}].{key} is not a number"
+        scores, kept = layer.get("scores"), layer.get("kept")
+        if scores is not None and not _numbers(scores):
+            return f"layers[{i}].scores is not a list of numbers"
+        n = len(scores) if scores is not None else before
+        if kept is not None and not (isinstance(kept, list) and all(isinstance(k, int) and not isinstance(k, bool)
+                                                                    and 0 <= k < n for k in kept)):
+            return f"layers[{i}].kept is not a list of channel indices below {n}"
+    for i, row in enumerate(summary.get("curves", [])):
+        if not isinstance(row, dict) or not all(v is None or _is_number(v) for k, v in row.items()
+                                                if k in ("epoch", "train_loss", "val_loss", "train_top1",
+                                                         "val_top1")):
+            return f"curves[{i}] is not a mapping of numbers"
+    if not all(isinstance(n, str) for n in summary.get("notes", [])):
+        return "'notes' is not a list of strings"
+    return None
+
+
 def load_summary(run_dir: str | os.PathLike) -> dict:
-    """Read ``summary.json`` from a run directory."""
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+    """Read ``summary.json`` from a run directory; a file that is not JSON or not a run summary is an HRankError."""
+    path = Path(run_dir) / "summary.json"
+    summary = read_json(path, "run summary")
+    problem = _summary_problem(summary)
+    if problem is not None:
+        raise HRankError(f"{path} is not a summary written by hrank run: {problem}")
+    return summary
+
+
+def rebuild_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Rewrite the report of the hrank run directory ``run_dir`` from its summary.json; refuses other folders."""
+    from hrank.run import read_run_config
+
+    run_dir = Path(run_dir)
+    read_run_config(run_dir)  # only a run directory's own report is rewritten
+    if not (run_dir / "summary.json").is_file():
+        raise HRankError(f"{run_dir} holds no finished run (no summary.json)")
+    return write_report(run_dir, load_summary(run_dir))

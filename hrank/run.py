@@ -84,6 +84,33 @@ def data_options(cfg: dict[str, Any]) -> DataOptions:
                        image_size=cfg["image_size"], resize_size=cfg["resize_size"], workers=cfg["workers"])
 
 
+def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of an hrank run directory; an HRankError when ``run_dir`` is not one."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise HRankError(f"{run_dir} is not a directory" if run_dir.exists() else f"run directory not found: {run_dir}")
+    if not path.is_file():
+        raise HRankError(f"{run_dir} is not an hrank run directory (no config.json)")
+    saved = read_json(path, "run config")
+    if not isinstance(saved, dict) or not isinstance(saved.get("identity"), dict):
+        raise HRankError(f"{path} was not written by hrank run: {run_dir} is not an hrank run directory")
+    return saved
+
+
+# The JSON records of the stages: the stage that writes each, and the keys (with their types) the later stages
+# and the summary read from it.
+_NUMBER = (int, float)
+_RECORDS: dict[str, tuple[str, dict[str, type | tuple[type, ...]]]] = {
+    "baseline.json": ("baseline", {"source": str, "normalization": dict, "macs": _NUMBER, "params": _NUMBER}),
+    "spec.json": ("spec", {"spec": dict}),
+    "prune.json": ("prune", {"hrank_rule": dict, "after_prune": dict, "macs": _NUMBER, "params": _NUMBER}),
+    "finetune.json": ("finetune", {"recipe": dict}),
+    "final.json": ("evaluate", {"macs": _NUMBER, "params": _NUMBER}),
+    "export.json": ("export", {}),
+}
+
+
 class Run:
     """One run directory and its configuration; ``execute`` runs (or skips) every stage in order."""
 
@@ -182,10 +209,10 @@ class Run:
         check_writable(self.dir, "run directory")
         cfg_path, state_path = self.dir / "config.json", self.dir / "stages.json"
         if cfg_path.exists():
-            saved = read_json(cfg_path, "run config")
-            if not isinstance(saved, dict) or not isinstance(saved.get("identity"), dict):
-                raise HRankError(f"{cfg_path} was not written by hrank run: {self.dir} is not an hrank run directory; "
-                                 "use another --out")
+            try:
+                saved = read_run_config(self.dir)
+            except HRankError as e:
+                raise HRankError(f"{e}; use another --out") from None
             mine, theirs = config.identity(self.cfg), saved["identity"]
             self._changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             if self._changed and not self.force:
@@ -272,7 +299,21 @@ class Run:
         self._save_state()
 
     def _read(self, name: str) -> dict:
-        return json.loads((self.dir / name).read_text())
+        """A stage's JSON record; a damaged one is an HRankError that names it and how to redo its stage."""
+        stage, keys = _RECORDS[name]
+        path = self.dir / name
+        redo = f"delete it and rerun to redo the {stage} stage and the stages after it"
+        try:
+            info = read_json(path, f"{stage} record")
+        except HRankError as e:
+            raise HRankError(f"{e}; {redo}") from None
+        if not isinstance(info, dict):
+            raise HRankError(f"{stage} record {path} holds {type(info).__name__}, not what hrank run writes; {redo}")
+        for key, kind in keys.items():
+            value = info.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise HRankError(f"{stage} record {path} has no valid {key!r}, not what hrank run writes; {redo}")
+        return info
 
     # -- data ---------------------------------------------------------------------------------------------
     @property
@@ -480,7 +521,13 @@ class Run:
         self.print(f"fine-tuned: {self._fmt_metrics(info)}")
 
     def _export(self) -> None:
+        from hrank import export
+
         model, _ = load_model(self.dir / "model.pt")
+        # the exports of an earlier model.pt (or of formats no longer asked for) must not lie beside this one:
+        # the files the stage writes by name are removed first, then the asked formats are written again
+        for name in ["export.json"] + [export.get(f).filename for f in export.names()]:
+            (self.dir / name).unlink(missing_ok=True)
         info = pipeline.export_model(model, self.cfg["export"], self.dir, self.input_size, printer=self.print)
         atomic_write_json(self.dir / "export.json", info)
 
@@ -531,7 +578,15 @@ class Run:
         curves = []
         metrics = self.dir / "finetune" / "metrics.jsonl"
         if metrics.exists():
-            curves = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            try:
+                curves = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()
+                          if line.strip()]
+                damaged = not all(isinstance(row, dict) for row in curves)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                damaged = True
+            if damaged:
+                raise HRankError(f"fine-tune log {metrics} is damaged (not one JSON mapping a line); delete the "
+                                 "finetune folder and finetune.json and rerun to redo the fine-tune")
         speedup = None
         base_lat = final.get("baseline_latency", {})
         if base_lat.get("latency_batch_ms") and final.get("latency_batch_ms"):

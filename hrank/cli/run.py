@@ -119,11 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from hrank.report import load_summary, write_report
+    from hrank.report import rebuild_report
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "summary.json").is_file():
-        raise HRankError(f"{run_dir} holds no finished run (no summary.json)")
-    md, html = write_report(run_dir, load_summary(run_dir))
+    md, html = rebuild_report(args.run_dir)
     print(f"wrote {md} and {html}")
     return 0
