@@ -11,7 +11,6 @@ list syntax when the model has a rate-entry order.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from torch import nn
 from hrank import flops, models
 from hrank.errors import HRankError
 from hrank.layers import is_depthwise
+from hrank.modelcopy import copy_model
 from hrank.plan import Group, build_dependency_graph, find_groups, make_plan
 from hrank.prune import apply_plan
 from hrank.spec import Spec, num_pruned
@@ -272,7 +272,7 @@ class _Search:
         """The spec of ``counts`` and a physically pruned copy of ``model`` built from it."""
         spec = self.spec(model, counts)
         plan = make_plan(model, self.raw, spec, example_input=self.example_input, groups=self.groups)
-        return spec, apply_plan(copy.deepcopy(model), plan, mode="physical", example_input=self.example_input)
+        return spec, apply_plan(copy_model(model), plan, mode="physical", example_input=self.example_input)
 
 
 def _prepare(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, input_size: tuple[int, ...] | None,

@@ -15,7 +15,6 @@ step writes the weights fine-tuned so far back into a full-size copy and applies
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -29,6 +28,7 @@ from torch import nn
 from hrank.data import Batches
 from hrank.errors import HRankError
 from hrank.io import atomic_write_json
+from hrank.modelcopy import copy_model
 from hrank.plan import Plan, PlanGroup
 from hrank.prune import apply_plan
 from hrank.recipes import Recipe
@@ -91,7 +91,7 @@ def _partial_plan(plan: Plan, steps: list[list[PlanGroup]], upto: int) -> Plan:
 def _physical_index_maps(template: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
     """For every floating state entry of ``template`` pruned by ``plan``: each element's flat index in the
     unpruned tensor. Found by pruning a float64 copy whose entries hold their own indices (exact < 2**53)."""
-    probe = copy.deepcopy(template).cpu().double()
+    probe = copy_model(template).cpu().double()
     with torch.no_grad():
         for v in probe.state_dict().values():
             if v.is_floating_point():
@@ -108,7 +108,7 @@ def _model_for_step(template: nn.Module, plan: Plan, mode: str, prev_state: dict
     apply_plan only prunes unpruned models, so the previous weights are first written back into a full-size
     copy at their original positions (physical mode; mask mode keeps full shapes), then ``plan`` is applied.
     """
-    model = copy.deepcopy(template)
+    model = copy_model(template)
     if prev_state is not None:
         full = {k: v.clone() for k, v in template.state_dict().items()}
         if mode == "physical" and prev_plan is not None:

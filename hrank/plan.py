@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from hrank import __version__, models
@@ -196,32 +197,164 @@ def _cut(graph: tp.DependencyGraph, opaque: set) -> None:
                 dep.index_mapping = [tp.dependency.constants.INDEX_MAPPING_PLACEHOLDER] * 2
 
 
-def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> tp.DependencyGraph:
-    """Trace ``model`` with Torch-Pruning (grad on, model mode restored afterwards); errors become one line.
+class _TrainMode(nn.Module):
+    """Runs the wrapped model in training mode whatever ``eval()`` was called (Torch-Pruning traces in eval
+    mode; this traces the branches a model runs only in training, such as auxiliary heads)."""
 
-    The graph carries ``hrank_opaque``: nodes whose channel mapping hrank cannot trust (see
-    :func:`find_groups`); groups through them are reported as not prunable instead of crashing or,
-    worse, being pruned with the wrong channels.
-    """
-    x = default_example_input(model) if example_input is None else example_input
-    if x.is_floating_point() and not any(p.requires_grad for p in model.parameters()):
-        x = x.detach().clone().requires_grad_(True)  # a frozen model still builds an autograd graph
-    was_training = model.training
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any) -> Any:
+        self.inner.train()
+        return self.inner(*args)
+
+
+def _weighted(m: nn.Module) -> bool:
+    return next(m.parameters(recurse=False), None) is not None
+
+
+class _Preserved:
+    """Restores the model's buffers (BatchNorm statistics), train/eval modes and the RNG state after a
+    forward pass run only to look at the model, so that looking changes nothing."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        self.model, self.x = model, x
+
+    def __enter__(self) -> None:
+        self.modes = {m: m.training for m in self.model.modules()}
+        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        devices = [self.x.device.index or 0] if self.x.is_cuda else []
+        self.rng = torch.random.fork_rng(devices=devices)
+        self.rng.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.rng.__exit__(None, None, None)
+        with torch.no_grad():
+            for b, v in self.buffers:
+                b.copy_(v)
+        for m, training in self.modes.items():
+            m.training = training
+
+
+def _called(model: nn.Module, x: torch.Tensor, training: bool) -> set[nn.Module]:
+    """The modules with parameters that a forward pass in the given mode calls (nothing is changed)."""
+    seen: set[nn.Module] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.add(mod)) for m in model.modules() if _weighted(m)]
+    try:
+        with _Preserved(model, x), torch.no_grad():
+            model.train(training)
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _train_only(model: nn.Module, x: torch.Tensor) -> set[nn.Module]:
+    """Modules with parameters that run in training mode but not in eval mode (auxiliary heads). Empty when
+    a training-mode pass cannot run at all (a batch of one through BatchNorm1d, a loss inside forward):
+    training would then fail for reasons of its own, before pruning matters."""
+    try:
+        train = _called(model, x, True)
+    except Exception:
+        try:
+            train = _called(model, torch.cat([x, x]), True)  # BatchNorm needs two values per channel
+        except Exception:
+            return set()
+    return train - _called(model, x, False)
+
+
+def _shapes(value: Any) -> list[tuple[int, ...]]:
+    if isinstance(value, torch.Tensor):
+        return [tuple(value.shape)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _shapes(v)]
+    return []
+
+
+class _ShapeRecorder(TorchFunctionMode):
+    """Records, for each autograd node a torch function creates, the function's name, its tensor inputs'
+    shapes and its output's shape (the first function to produce a node wins: ``contiguous()`` on a
+    contiguous tensor returns its input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[Any, tuple[str, list[tuple[int, ...]], tuple[int, ...]]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        grad_fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+        if grad_fn is not None and grad_fn not in self.seen:
+            name = getattr(func, "__name__", str(func))
+            self.seen[grad_fn] = (name, _shapes(list(args)) + _shapes(list((kwargs or {}).values())),
+                                  tuple(out.shape))
+        return out
+
+
+def _remaps_channels(name: str, inputs: Sequence[tuple[int, ...]], out: tuple[int, ...]) -> bool:
+    """Whether an op Torch-Pruning passes channels through one to one (its element-wise kind) changes their
+    number or mixes them with another dimension: a pixel shuffle, a matrix product over channels, padding
+    of channels. Permutations of the dimensions keep the channels (Torch-Pruning follows them)."""
+    if len(out) < 2:
+        return False
+    if name in ("permute", "transpose", "transpose_", "movedim", "moveaxis", "swapaxes", "swapdims", "t"):
+        return False
+    return any(len(s) >= 2 and s[1] not in (1, out[1]) for s in inputs)
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     graph = tp.DependencyGraph()
     graph.hrank_opaque = set()
+    graph.hrank_remaps = set()
+    recorder = _ShapeRecorder()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), recorder:
             graph.build_dependency(
-                model, example_inputs=x, customized_pruners={ChannelPadShortcut: ShortcutPruner()}, verbose=False)
+                model, example_inputs=(x,), customized_pruners={ChannelPadShortcut: ShortcutPruner()}, verbose=False)
     except HRankError:
         raise
     except Exception as e:
         raise HRankError(f"cannot trace the model for dependency analysis ({_first_line(e)}); "
                          f"check that example_input fits the model") from None
+    for node in graph.module2node.values():
+        seen = recorder.seen.get(node.grad_fn) if node.type == tp.ops.OPTYPE.ELEMENTWISE else None
+        if seen is not None and _remaps_channels(*seen):
+            graph.hrank_remaps.add(node)
+    graph.hrank_opaque |= _opaque_reshapes(graph) | _opaque_splits(graph) | graph.hrank_remaps
+    _cut(graph, graph.hrank_opaque)
+    return graph
+
+
+def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> tp.DependencyGraph:
+    """Trace ``model`` with Torch-Pruning (grad on, model mode restored afterwards); errors become one line.
+
+    The graph carries ``hrank_opaque``: nodes whose channel mapping hrank cannot trust (see
+    :func:`find_groups`); groups through them are reported as not prunable instead of crashing or,
+    worse, being pruned with the wrong channels. When the model runs layers only in training mode
+    (``hrank_train_only``, e.g. an auxiliary head), ``hrank_train_graph`` is a second trace in training
+    mode, so that groups whose channels those layers read are reported as not prunable too.
+    """
+    x = default_example_input(model) if example_input is None else example_input
+    if x.is_floating_point() and not any(p.requires_grad for p in model.parameters()):
+        x = x.detach().clone().requires_grad_(True)  # a frozen model still builds an autograd graph
+    was_training = model.training
+    try:
+        graph = _trace(model, x)
     finally:
         model.train(was_training)  # build_dependency calls eval() and leaves it so
-    graph.hrank_opaque |= _opaque_reshapes(graph) | _opaque_splits(graph)
-    _cut(graph, graph.hrank_opaque)
+    graph.hrank_train_only = _train_only(model, x)
+    graph.hrank_train_graph = None
+    if graph.hrank_train_only:
+        try:
+            with _Preserved(model, x):
+                try:
+                    graph.hrank_train_graph = _trace(_TrainMode(model), x)
+                except HRankError:
+                    graph.hrank_train_graph = _trace(_TrainMode(model), torch.cat([x, x]))
+        except HRankError as e:
+            raise HRankError(f"the model runs {len(graph.hrank_train_only)} layer(s) only in training mode "
+                             f"(an auxiliary head?) and tracing it in training mode failed: {e}") from None
     return graph
 
 
@@ -267,6 +400,11 @@ def _conv_constraints(module: nn.Module, name: str, out_side: bool, identity: bo
     """(blocks, reason) that a conv reading (``out_side`` False) or writing these channels imposes."""
     if not isinstance(module, CONV_TYPES):
         return 1, f"{name} is a {type(module).__name__} (only Conv2d and ConvTranspose2d are supported)"
+    if hasattr(module, "weight_g") or hasattr(module, "parametrizations"):
+        return 1, f"conv {name} has a weight norm or another parametrization of its weight, which pruning " \
+                  f"cannot rewrite (remove it before pruning)"
+    if module.transposed and module.groups > 1:
+        return 1, f"grouped ConvTranspose2d {name} (groups={module.groups}) is not supported"
     if module.groups > 1 and module.groups == module.out_channels and module.in_channels != module.out_channels:
         return 1, f"conv {name} has groups == out_channels but in_channels != out_channels"
     if not is_grouped(module):
@@ -296,6 +434,10 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
         if target in opaque and target.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND):
             reasons.append(f"its channels are split or sliced by position ({_node_label(target, names)}: "
                            f"torch.split/chunk/unbind or y[:, a:b] in forward), which pruning cannot rewrite")
+        elif target in getattr(graph, "hrank_remaps", ()):
+            reasons.append(f"its channels pass {_node_label(target, names)}, an op that changes their number or "
+                           f"mixes them with another dimension (e.g. a pixel shuffle or a matrix product), "
+                           f"which hrank cannot map")
         elif target in opaque:
             reasons.append(f"its channels pass {_node_label(target, names)}, a reshape hrank cannot map "
                            f"(e.g. a channel shuffle)")
@@ -314,16 +456,29 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
             continue
         out_side = graph.is_out_channel_pruning_fn(handler)
         identity = list(item.idxs) == list(item.root_idxs)
+        if out_side and isinstance(module, CONV_TYPES) and module not in members:
+            members.append(module)
         b, why = _conv_constraints(module, name, out_side, identity, conv.out_channels)
         if why:
             reasons.append(why)
             continue
         blocks = math.lcm(blocks, b)
-        if out_side:
-            if module not in members:
-                members.append(module)
-            if not identity:
-                reasons.append(f"{name} reaches the group through a channel re-mapping")
+        if out_side and not identity:
+            reasons.append(f"{name} reaches the group through a channel re-mapping")
+    train_graph = getattr(graph, "hrank_train_graph", None)
+    if train_graph is not None:
+        reached = {item.dep.target.module for item in group}
+        try:
+            extra = [item.dep.target.module for item in _group_of(train_graph, conv, range(conv.out_channels))]
+        except HRankError as e:
+            reasons.append(f"in training mode {e}")
+            extra = []
+        extra = [m for m in dict.fromkeys(extra) if isinstance(m, nn.Module) and _weighted(m) and m not in reached]
+        if extra:
+            only = " (it runs only in training mode, e.g. an auxiliary head)" \
+                if extra[0] in graph.hrank_train_only else ""
+            reasons.append(f"in training mode its channels also reach {names.get(extra[0], '?')}{only}, which "
+                           f"the eval-mode trace cannot prune")
     member_names = sorted((names[m] for m in members), key=order)
     widths = {m.out_channels for m in members}
     if len(widths) > 1:

@@ -16,7 +16,6 @@ concatenated channel). :func:`enforce_masks` re-applies the masks after each opt
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Iterable, Sequence
@@ -31,8 +30,9 @@ from torch import nn
 from hrank import flops, models
 from hrank.errors import HRankError
 from hrank.layers import is_conv, is_grouped
+from hrank.modelcopy import copy_model
 from hrank.models.base import ChannelPadShortcut
-from hrank.plan import Plan, PlanGroup, build_dependency_graph, find_groups
+from hrank.plan import Plan, PlanGroup, _Preserved, build_dependency_graph, find_groups
 from hrank.spec import Spec
 
 __all__ = ["apply_plan", "enforce_masks", "recalibrate_bn", "hrank_rule_counts", "layer_widths", "MODES"]
@@ -80,14 +80,27 @@ def _check_fits(model: nn.Module, plan: Plan, mode: str) -> dict[str, nn.Module]
     return convs
 
 
-def _outputs(out: Any) -> list[torch.Tensor]:
+def _tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _outputs(o)]
+        return [t for o in out for t in _tensors(o)]
     if isinstance(out, dict):
-        return [t for o in out.values() for t in _outputs(o)]
-    return []
+        return [t for o in out.values() for t in _tensors(o)]
+    if out is None or isinstance(out, (bool, int, float, str)):
+        return []
+    raise HRankError(f"the model returns an object of type {type(out).__name__}, which hrank cannot compare "
+                     f"before and after pruning; return tensors (alone or in a tuple, list or dict)")
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output (tensors nested in tuples, lists, dicts); at least one, and no
+    objects hrank cannot look into, so that the invariant check never passes on nothing."""
+    tensors = _tensors(out)
+    if not tensors:
+        raise HRankError(f"the model's output ({type(out).__name__}) holds no tensor, so pruning cannot be "
+                         f"checked; return tensors (alone or in a tuple, list or dict)")
+    return tensors
 
 
 def _output_shape(model: nn.Module, x: torch.Tensor) -> tuple[tuple[int, ...], ...]:
@@ -118,23 +131,48 @@ def _forward_check(model: nn.Module, plan: Plan, x: torch.Tensor, expected_out: 
                              f"keeps {len(kept)}")
 
 
-def _grouped_in_weight(weight: torch.Tensor, groups: int, drop: Sequence[int]) -> torch.Tensor:
+def _train_check(model: nn.Module, x: torch.Tensor) -> None:
+    """The pruned model must still run in training mode (it has layers that run only there); nothing in
+    the model changes (BatchNorm statistics and the RNG state are restored)."""
+    def run(batch: torch.Tensor) -> None:
+        with _Preserved(model, batch), torch.no_grad():
+            model.train()
+            model(batch)
+
+    try:
+        try:
+            run(x)
+        except Exception:
+            run(torch.cat([x, x]))  # BatchNorm needs two values per channel
+    except Exception as e:
+        raise HRankError(f"the pruned model fails in training mode ({_first_line(e)}): a layer that runs only "
+                         f"in training (an auxiliary head?) reads pruned channels; ignore the convs it reads") \
+            from None
+
+
+def _grouped_in_weight(weight: torch.Tensor, groups: int, drop: Sequence[int],
+                       drop_out: Sequence[int] = ()) -> torch.Tensor:
     """A grouped conv's weight (out, in/g, kh, kw) without the input channels ``drop`` (indices into the
-    conv's input): each output row keeps the columns of its own input block. Torch-Pruning 1.6.1 slices
-    the same columns from every row, which is right only when every block loses the same positions."""
+    conv's input) and the filters ``drop_out`` (when the same group also removes its outputs, as in a
+    residual stream it reads and writes): each output row keeps the columns of its own input block.
+    Torch-Pruning 1.6.1 slices the same columns from every row, which is right only when every block
+    loses the same positions."""
     out, per = weight.shape[0], weight.shape[1]
     dropped = set(int(i) for i in drop)
     keep = [[p for p in range(per) if b * per + p not in dropped] for b in range(groups)]
     if len({len(k) for k in keep}) != 1:
         raise HRankError(f"a grouped conv (groups={groups}) would keep unequal input channels per group")
-    rows = torch.tensor([keep[o // (out // groups)] for o in range(out)], dtype=torch.long, device=weight.device)
+    gone = set(int(i) for i in drop_out)
+    kept_rows = [o for o in range(out) if o not in gone]
+    rows = torch.tensor([keep[o // (out // groups)] for o in kept_rows], dtype=torch.long, device=weight.device)
     index = rows[:, :, None, None].expand(-1, -1, weight.shape[2], weight.shape[3])
-    return torch.gather(weight.detach(), 1, index)
+    picked = weight.detach().index_select(0, torch.tensor(kept_rows, dtype=torch.long, device=weight.device))
+    return torch.gather(picked, 1, index)
 
 
-def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: dict[str, nn.Module]) -> None:
+def _verify_groups(model: nn.Module, plan: Plan, graph: tp.DependencyGraph) -> None:
+    """Every group a coupled plan prunes is a group of this model, prunable, with the same blocks."""
     found = {m: g for g in find_groups(model, graph=graph) for m in g.members}
-    present = {name: list(range(conv.out_channels)) for name, conv in convs.items()}
     for pg in plan.pruned_groups():
         g = found.get(pg.members[0])
         if g is None or set(g.members) != set(pg.members):
@@ -146,6 +184,12 @@ def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, con
         if g.blocks != pg.blocks:
             raise HRankError(f"the plan splits group {pg.members[0]} into {pg.blocks} blocks, this model into "
                              f"{g.blocks} (plan for another model?)")
+
+
+def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: dict[str, nn.Module]) -> None:
+    _verify_groups(model, plan, graph)
+    present = {name: list(range(conv.out_channels)) for name, conv in convs.items()}
+    for pg in plan.pruned_groups():
         root = pg.members[0]
         kept = set(pg.kept)
         # plan indices refer to the unpruned conv; translate them to the conv's current positions
@@ -155,9 +199,13 @@ def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, con
             grouped_inputs = [(item.dep.target.module, item.dep.target.module.weight, list(item.idxs))
                               for item in group if is_grouped(item.dep.target.module)
                               and not graph.is_out_channel_pruning_fn(item.dep.handler)]
+            grouped_outputs: dict[nn.Module, list[int]] = {}
+            for item in group:
+                if is_grouped(item.dep.target.module) and graph.is_out_channel_pruning_fn(item.dep.handler):
+                    grouped_outputs.setdefault(item.dep.target.module, []).extend(int(i) for i in item.idxs)
             group.prune()
             for conv, weight, drop in grouped_inputs:
-                conv.weight = nn.Parameter(_grouped_in_weight(weight, conv.groups, drop),
+                conv.weight = nn.Parameter(_grouped_in_weight(weight, conv.groups, drop, grouped_outputs.get(conv, ())),
                                            requires_grad=weight.requires_grad)
         except HRankError:
             raise
@@ -362,6 +410,8 @@ def _install_masks(model: nn.Module, masks: Sequence[_Mask]) -> None:
 
 
 def _apply_masks(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: dict[str, nn.Module]) -> None:
+    if plan.coupling != "independent":
+        _verify_groups(model, plan, graph)
     _install_masks(model, _mask_plan(model, plan, graph, convs))
 
 
@@ -396,7 +446,7 @@ def _difference(pruned: nn.Module, reference: nn.Module, x: torch.Tensor) -> flo
     """Relative output difference; in float32 first, confirmed in float64 when it exceeds the tolerance."""
     rel = _relative_difference(pruned.eval(), reference.eval(), x)
     if rel > CHECK_TOLERANCE and x.is_floating_point() and x.dtype != torch.float64:
-        rel = _relative_difference(copy.deepcopy(pruned).double(), copy.deepcopy(reference).double(), x.double())
+        rel = _relative_difference(copy_model(pruned).double(), copy_model(reference).double(), x.double())
     return rel
 
 
@@ -416,7 +466,7 @@ def _sub_plan(plan: Plan, keep: Sequence[PlanGroup]) -> Plan:
 
 def _mismatch(model: nn.Module, plan: Plan, x: torch.Tensor) -> float:
     """Physical vs mask difference of ``plan`` on a copy of ``model`` (for the diagnosis)."""
-    trial = copy.deepcopy(model)
+    trial = copy_model(model)
     try:
         _apply(trial, plan, "physical", x, _check_fits(trial, plan, "physical"), check=True)
     except _Mismatch as e:
@@ -475,11 +525,13 @@ def _apply(model: nn.Module, plan: Plan, mode: str, x: torch.Tensor, convs: dict
             expected_out = _output_shape(model, x)
             reference = None
             if check and plan.pruned_groups():
-                reference = copy.deepcopy(model)
+                reference = copy_model(model)
                 _install_masks(reference, _mask_plan(model, plan, graph, convs))
             _apply_physical(model, plan, graph, convs)
             model.eval()
             _forward_check(model, plan, x, expected_out)
+            if graph.hrank_train_only:
+                _train_check(model, x)
             if reference is not None:
                 rel = _difference(model, reference, _random_like(x))
                 if not rel <= CHECK_TOLERANCE:

@@ -29,7 +29,6 @@ at a time, each step a ``fit`` run in its own sub-directory, resumable at step g
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -55,6 +54,7 @@ from hrank.distributed import all_reduce as _all_reduce
 from hrank.distributed import barrier as _barrier
 from hrank.errors import HRankError
 from hrank.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_file
+from hrank.modelcopy import copy_model
 from hrank.prune import enforce_masks
 from hrank.recipes import Recipe
 
@@ -680,7 +680,7 @@ def _prepare_teacher(teacher: nn.Module | None, recipe: Recipe, device: torch.de
     if teacher is None:
         raise HRankError("the recipe distills (distill_weight > 0) but no teacher was given: distillation learns "
                          "from the unpruned model (hrank run uses the baseline; hrank finetune takes --teacher)")
-    teacher = copy.deepcopy(teacher).to(device).eval()
+    teacher = copy_model(teacher).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

@@ -273,9 +273,9 @@ def _teacher(args: argparse.Namespace, recipe: recipes.Recipe, loaded: pipeline.
             raise HRankError(f"--teacher {args.teacher} is a pruned model; distill from the unpruned one")
         return teacher.model
     if args.plan and loaded.plan is None:
-        import copy
+        from hrank.modelcopy import copy_model
 
-        return copy.deepcopy(loaded.model)  # the unpruned model, before the plan is applied below
+        return copy_model(loaded.model)  # the unpruned model, before the plan is applied below
     raise HRankError("distillation needs the unpruned model as teacher: pass --teacher FILE (e.g. a run's "
                      "baseline.pt), or prune here with --model, --checkpoint and --plan")
 
