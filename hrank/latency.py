@@ -14,15 +14,19 @@ closest is kept and the report says how far off it is).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,12 +38,14 @@ from torch import nn
 from hrank import flops
 from hrank.budget import BudgetResult
 from hrank.errors import HRankError
-from hrank.io import atomic_write_json
+from hrank.io import _first_line, atomic_write_json, check_writable
 
 RUNTIMES = ("torch", "torchscript", "onnxruntime")
 LAYOUTS = ("channels_last", "nchw")
 TOLERANCE = 0.1  # measured latency within 10% of the target
 ROUNDS = 4  # search + end-to-end measurement rounds at most
+MAX_BATCH = 4096  # a latency batch beyond this is a typo (10**9 would only fail allocating the input)
+MAX_THREADS = 1024  # torch accepts any thread count and would try to start them all
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,11 @@ class LatencySetup:
             raise HRankError(f"unknown latency runtime {self.runtime!r}; choose {', '.join(RUNTIMES)}")
         if self.layout not in LAYOUTS:
             raise HRankError(f"unknown layout {self.layout!r}; choose {', '.join(LAYOUTS)}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise HRankError(f"latency batch size must be a positive integer, got {self.batch_size!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise HRankError(f"latency threads must be a positive integer, got {self.threads!r}")
+        if not _whole(self.batch_size) or not 1 <= self.batch_size <= MAX_BATCH:
+            raise HRankError(f"latency batch size must be a whole number from 1 to {MAX_BATCH}, got "
+                             f"{self.batch_size!r}")
+        if self.threads is not None and (not _whole(self.threads) or not 1 <= self.threads <= MAX_THREADS):
+            raise HRankError(f"latency threads must be a whole number from 1 to {MAX_THREADS}, got {self.threads!r}")
         if self.repeats < 1 or self.warmup < 0:
             raise HRankError("latency repeats must be >= 1 and warm-up >= 0")
         if self.runtime == "onnxruntime" and self.device != "cpu":
@@ -85,6 +92,16 @@ class LatencySetup:
         if self.device.startswith("cuda"):
             ident["gpu"] = torch.cuda.get_device_name(torch.device(self.device))
         return ident
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _cannot_run(runtime: str, module: nn.Module, e: Exception) -> HRankError:
+    """The one-line error for a model the runtime cannot take (an export or a trace that fails)."""
+    return HRankError(f"the {runtime} latency runtime cannot run {type(module).__name__} ({type(e).__name__}: "
+                      f"{_first_line(e)}); measure on eager PyTorch instead (--latency-runtime torch)")
 
 
 class Runtime(Protocol):
@@ -148,11 +165,17 @@ class TorchScriptRuntime(TorchRuntime):
     ``inference_mode`` in the setup's layout: no Python per module, weights folded in as constants."""
 
     def _compiled(self, module: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], Any]:
-        import warnings
-
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.jit.freeze(torch.jit.trace(module, x).eval())
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                frozen = torch.jit.freeze(torch.jit.trace(module, x).eval())
+                with torch.inference_mode():
+                    frozen(x)  # a graph that traces but does not run fails here, not in the timing
+        except MemoryError:
+            raise
+        except Exception as e:  # outputs tracing cannot hold (a dict), data-dependent control flow, ...
+            raise _cannot_run("torchscript", module, e) from None
+        return frozen
 
 
 class OnnxRuntime(_Timed):
@@ -167,20 +190,43 @@ class OnnxRuntime(_Timed):
         self.setup = setup
 
     def prepare(self, module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-        import contextlib
-        import warnings
-
         import onnxruntime as ort
 
         buf = io.BytesIO()
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval().cpu(), (x.cpu(),), buf, dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["output"])
-        sess = ort.InferenceSession(buf.getvalue(), ort_timing_options(self.setup.threads),
-                                    providers=["CPUExecutionProvider"])
         feed = {"input": x.detach().cpu().numpy()}
+        try:
+            with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    _quiet_stdout_fd():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module.eval().cpu(), (x.cpu(),), buf, dynamo=False, opset_version=17,
+                                  input_names=["input"], output_names=["output"])
+            sess = ort.InferenceSession(buf.getvalue(), ort_timing_options(self.setup.threads),
+                                        providers=["CPUExecutionProvider"])
+            sess.run(None, feed)  # a graph onnxruntime loads but cannot run fails here, not in the timing
+        except MemoryError:
+            raise
+        except Exception as e:  # an op the exporter or onnxruntime does not support, an output it cannot hold
+            raise _cannot_run("onnxruntime", module, e) from None
         return lambda: sess.run(None, feed)
+
+
+@contextlib.contextmanager
+def _quiet_stdout_fd() -> Iterator[None]:
+    """Silence file descriptor 1 (C++ writes): torch's ONNX exporter dumps the whole graph there when an export
+    fails, before the error that says why."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no real stdout: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def ort_timing_options(threads: int | None = None) -> Any:
@@ -221,6 +267,31 @@ def make_runtime(setup: LatencySetup) -> TorchRuntime | OnnxRuntime:
 
 # -- the per-layer table --------------------------------------------------------------------------------------
 
+def check_cache_dir(cache_dir: str | os.PathLike, *, out: str | os.PathLike | None = None) -> Path:
+    """The latency cache folder, checked before any timing: a folder (or creatable), writable, and not inside
+    ``out`` (an output directory that is replaced when the command writes it)."""
+    path = Path(cache_dir).expanduser()
+    if out is not None:
+        where, inside = path.resolve(), Path(out).expanduser().resolve()
+        if where == inside or inside in where.parents:
+            raise HRankError(f"the latency cache {path} is inside the output directory {out}, which is replaced "
+                             f"when the output is written; choose a cache folder outside it (--latency-cache)")
+    if path.exists() and not path.is_dir():
+        raise HRankError(f"the latency cache {path} is a file, expected a folder (--latency-cache)")
+    check_writable(path, "latency cache")
+    return path
+
+
+def _valid_ms(value: Any) -> bool:
+    """A time a measurement can give: a finite, positive number of milliseconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+    return math.isfinite(value) and value > 0
+
 def _resized(m: nn.Module, cin: int, cout: int) -> nn.Module:
     """A layer like ``m`` with ``cin`` inputs and ``cout`` outputs, with a bias (BatchNorm folded into it)."""
     if isinstance(m, nn.Linear):
@@ -250,27 +321,33 @@ class LayerTable:
 
     @classmethod
     def open(cls, setup: LatencySetup, cache_dir: str | os.PathLike | None = None,
-             runtime: Runtime | None = None) -> LayerTable:
-        """A table for ``setup``; with ``cache_dir``, loaded from (and later saved to) the file for this setup
-        and machine."""
+             runtime: Runtime | None = None, warn: Callable[[str], None] | None = None) -> LayerTable:
+        """A table for ``setup``; with ``cache_dir`` (checked writable first), loaded from (and later saved to)
+        the file for this setup and machine. A damaged file, or entries that are not finite positive times, are
+        measured again and never trusted; ``warn`` (default: ``warnings.warn``) is told so in one line."""
         runtime = runtime or make_runtime(setup)
         path = None
         if cache_dir is not None:
             ident = json.dumps(setup.identity(), sort_keys=True)
-            path = Path(cache_dir) / f"latency-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+            path = check_cache_dir(cache_dir) / f"latency-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
         table = cls(setup, runtime, path)
         if path is not None and path.exists():
-            try:
-                data = json.loads(path.read_text())
-                if data.get("identity") == setup.identity():
-                    table.entries = {k: float(v) for k, v in data["entries"].items()}
-            except (OSError, ValueError, KeyError, TypeError):
-                table.entries = {}  # a damaged cache is measured again, never trusted
+            table.entries, problem = _read_cache(path, setup.identity())
+            if problem:
+                (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
+                    f"latency cache {path}: {problem}; measuring again")
         return table
 
-    def save(self) -> None:
+    def save(self, warn: Callable[[str], None] | None = None) -> None:
+        """Write the table to its cache file; a file system that refuses (full, read-only) costs the cache only,
+        not the search, and ``warn`` is told."""
         if self.path is not None:
-            atomic_write_json(self.path, {"identity": self.setup.identity(), "entries": self.entries})
+            try:
+                atomic_write_json(self.path, {"identity": self.setup.identity(), "entries": self.entries})
+            except OSError as e:
+                (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
+                    f"latency cache {self.path} not saved ({e.strerror or e}); its timings are measured again "
+                    f"next time")
 
     def layer_ms(self, m: nn.Module, in_shape: Sequence[int], cin: int, cout: int) -> float:
         """Milliseconds of a layer like ``m`` reading ``cin`` channels and writing ``cout``, on an input of
@@ -284,9 +361,28 @@ class LayerTable:
                 (self.setup.batch_size, *spatial, cin)
             x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
             run = self.runtime.prepare(layer, x)
-            self.entries[key] = statistics.median(self.runtime.times(run, self.setup.repeats, self.setup.warmup))
+            ms = statistics.median(self.runtime.times(run, self.setup.repeats, self.setup.warmup))
+            if not _valid_ms(ms):
+                raise HRankError(f"the {self.setup.runtime} runtime timed a {type(m).__name__} layer at {ms!r} ms; "
+                                 f"a time must be finite and positive (is the clock or the runtime broken?)")
+            self.entries[key] = float(ms)
             self.measured += 1
         return self.entries[key]
+
+
+def _read_cache(path: Path, identity: dict[str, Any]) -> tuple[dict[str, float], str]:
+    """The valid entries of a cache file for ``identity``, and what was wrong with the rest ('' if nothing)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        return {}, f"unreadable ({_first_line(e)})"
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        return {}, "not a latency table (no mapping of timings under 'entries')"
+    if data.get("identity") != identity:
+        return {}, ""  # another setup's table under a clashing name: not ours, not damaged
+    entries = {k: float(v) for k, v in data["entries"].items() if _valid_ms(v)}
+    bad = len(data["entries"]) - len(entries)
+    return entries, f"{bad} of {len(data['entries'])} timings are not finite positive numbers" if bad else ""
 
 
 class LatencyModel:
@@ -475,7 +571,8 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
     search = _prepare(model, scores, input_size=input_size, example_input=example_input, convs=convs,
                       max_rate=max_rate, order=order, ignore=ignore)
     say = progress or (lambda _: None)
-    table = LayerTable.open(setup, cache_dir, runtime)
+    warn = (lambda m: say(f"warning: {m}")) if progress else None
+    table = LayerTable.open(setup, cache_dir, runtime, warn=warn)
     x = torch.randn(setup.batch_size, *search.input_size, generator=torch.Generator().manual_seed(0))
     # the dense model is prepared once (an ONNX export for onnxruntime) and timed beside every candidate
     dense_run = table.runtime.prepare(deployed(model, x[:1].to(next(model.parameters()).device)).cpu(), x)
@@ -495,7 +592,7 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
         half_run = table.runtime.prepare(deployed(half_model.cpu(), x[:1]), x)
         both = compare_end_to_end({"dense": dense_run, "half": half_run}, table.runtime)
         predict.calibrate(half, both["half"] * dense_ms / both["dense"])
-    table.save()
+    table.save(warn)
     floor = predict(limits)
     if floor > target * dense_ms * (1 + tolerance):
         raise HRankError(f"latency target {target:.0%} cannot be met with max_rate {max_rate:g}: the smallest "
@@ -518,7 +615,7 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
         if abs(ratio - target) <= tolerance * target:
             break
         goal = goal * target / ratio  # correct the prediction's error as measured
-    table.save()
+    table.save(warn)
     assert best is not None
     ratio, (counts, spec, pruned, measured, predicted, r) = best
     if not any(counts):  # a measurement says the unpruned network got faster: noise, never an answer

@@ -66,8 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           "model's latency, measured on this machine (--latency-*; hrank.latency)")
     src.add_argument("--latency-runtime", default="torch", choices=RUNTIMES,
                      help="runtime the latency target is measured on (default %(default)s)")
-    src.add_argument("--latency-batch", type=POSITIVE_INT, default=1,
-                     help="batch size of the latency target (default %(default)s)")
+    src.add_argument("--latency-batch", "--latency-target-batch", dest="latency_batch", type=POSITIVE_INT, default=1,
+                     help="batch size the latency target is measured at (default %(default)s; `hrank run` calls "
+                          "this --latency-target-batch, its --latency-batch is the report's timing batch)")
     src.add_argument("--latency-layout", default="channels_last", choices=LAYOUTS,
                      help="memory format of the torch runtime (default %(default)s)")
     src.add_argument("--latency-threads", type=POSITIVE_INT, default=None,
@@ -78,9 +79,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="largest rate a budget search may give one group (default %(default)s)")
     src.add_argument("--budget-order", default=ORDER_DEFAULT, choices=ORDERS,
                      help="order in which a budget search takes channels (default %(default)s; docs/pruning.md)")
-    src.add_argument("--round-to", type=int, default=ROUND_TO_DEFAULT,
-                     help="a budget search keeps pruned widths at multiples of this; 1 = exact channels "
-                          "(default %(default)s)")
+    src.add_argument("--round-to", type=int, default=None,
+                     help="a --target-macs/--target-params search keeps pruned widths at multiples of this; 1 = "
+                          f"exact channels (default {ROUND_TO_DEFAULT}; a --target-latency search takes its widths "
+                          "from the measurement instead)")
     src.add_argument("--plan", default=None, help="apply this plan JSON instead of making one")
     src.add_argument("--independent", action="store_true",
                      help="select each conv alone, ignoring coupling, as HRank does (mask mode only)")
@@ -141,7 +143,25 @@ def _rate_options(args: argparse.Namespace, device: Any = None) -> pipeline.Rate
     return pipeline.RateOptions(compress_rate=args.compress_rate, rates=args.rates, rates_file=args.rates_file,
                                 ignore=args.ignore, target_macs=args.target_macs, target_params=args.target_params,
                                 target_latency=args.target_latency, latency=latency, latency_cache=cache,
-                                max_rate=args.max_rate, budget_order=args.budget_order, round_to=args.round_to)
+                                max_rate=args.max_rate, budget_order=args.budget_order,
+                                round_to=ROUND_TO_DEFAULT if args.round_to is None else args.round_to)
+
+
+def _check_latency(args: argparse.Namespace, out: Path, device: Any) -> None:
+    """The --target-latency flags, checked before the model is loaded: the combinations, the setup's bounds,
+    and a latency cache that can be written and outlives --out."""
+    from hrank.latency import check_cache_dir
+
+    if args.mode == "mask":
+        raise HRankError("--target-latency times the physically pruned model, but --mode mask keeps every channel "
+                         "(zeroed) and runs at the dense model's speed; use --mode physical, or a --target-macs "
+                         "budget for masks")
+    if args.round_to is not None:
+        raise HRankError("--round-to does not apply to --target-latency: a latency search keeps only the widths "
+                         "it measured faster than every wider one (docs/pruning.md, section 3c); drop --round-to")
+    rates = _rate_options(args, device)
+    rates.latency.check()
+    check_cache_dir(rates.latency_cache, out=out)
 
 
 def _dataset(args: argparse.Namespace, ref: str) -> str:
@@ -195,7 +215,11 @@ def run(args: argparse.Namespace) -> int:
                          "--rates-file/--rates/--independent; give one way")
     if args.independent and args.mode == "physical":
         raise HRankError("--independent plans ignore coupling and are only valid with --mode mask")
+    if args.round_to is not None and args.round_to < 1:  # a whole number (argparse), checked whatever the target
+        raise HRankError(f"round_to must be a positive integer, got {args.round_to} (--round-to; 1 = exact channels)")
     device = resolve_device(args.device)
+    if args.target_latency is not None:
+        _check_latency(args, out, device)
     budget = None
     loaded = pipeline.load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
                                  normalization=args.normalization, dataset=args.dataset)
