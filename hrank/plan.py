@@ -306,7 +306,7 @@ def _remaps_channels(name: str, inputs: Sequence[tuple[int, ...]], out: tuple[in
 def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     graph = tp.DependencyGraph()
     graph.hrank_opaque = set()
-    graph.hrank_remaps = set()
+    graph.hrank_remaps = {}  # node -> the torch function's name
     recorder = _ShapeRecorder()
     try:
         with torch.enable_grad(), recorder:
@@ -320,8 +320,8 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     for node in graph.module2node.values():
         seen = recorder.seen.get(node.grad_fn) if node.type == tp.ops.OPTYPE.ELEMENTWISE else None
         if seen is not None and _remaps_channels(*seen):
-            graph.hrank_remaps.add(node)
-    graph.hrank_opaque |= _opaque_reshapes(graph) | _opaque_splits(graph) | graph.hrank_remaps
+            graph.hrank_remaps[node] = seen[0]
+    graph.hrank_opaque |= _opaque_reshapes(graph) | _opaque_splits(graph) | set(graph.hrank_remaps)
     _cut(graph, graph.hrank_opaque)
     return graph
 
@@ -434,7 +434,10 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
         if target in opaque and target.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND):
             reasons.append(f"its channels are split or sliced by position ({_node_label(target, names)}: "
                            f"torch.split/chunk/unbind or y[:, a:b] in forward), which pruning cannot rewrite")
-        elif target in getattr(graph, "hrank_remaps", ()):
+        elif getattr(graph, "hrank_remaps", {}).get(target) == "pad":
+            reasons.append("its channels are padded (F.pad on the channel dimension, e.g. an option-A shortcut "
+                           "written as a lambda), which pruning cannot rewrite: use hrank.models.ChannelPadShortcut")
+        elif target in getattr(graph, "hrank_remaps", {}):
             reasons.append(f"its channels pass {_node_label(target, names)}, an op that changes their number or "
                            f"mixes them with another dimension (e.g. a pixel shuffle or a matrix product), "
                            f"which hrank cannot map")

@@ -83,7 +83,7 @@ def test_a_wrong_physical_prune_is_an_error_and_the_model_is_untouched(monkeypat
     """Torch-Pruning 1.6.1's own grouped-input slicing (the same columns in every row) computes another
     network; the invariant must catch it, name the group, and leave the caller's model as it was."""
 
-    def naive(weight, groups, drop):  # keep_idxs[:len // groups] as Torch-Pruning does
+    def naive(weight, groups, drop, drop_out=()):  # keep_idxs[:len // groups] as Torch-Pruning does
         per = weight.shape[1]
         kept = [i for i in range(per * groups) if i not in set(drop)]
         return weight.detach()[:, kept[: len(kept) // groups]]
