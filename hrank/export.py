@@ -20,6 +20,7 @@ from torch import nn
 
 from hrank.errors import HRankError
 from hrank.io import atomic_save_with
+from hrank.modelcopy import copy_model
 
 ONNX_ATOL = 1e-4
 
@@ -117,9 +118,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
         x = _example(model, input_size, 2, seed).cpu().float()
         param = next(model.parameters())
         if param.device.type != "cpu" or param.dtype != torch.float32:
-            import copy
-
-            cpu_model = copy.deepcopy(model).cpu().float()
+            cpu_model = copy_model(model).cpu().float()
 
         def export_to(file: str) -> None:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -10,7 +10,6 @@ model is then run beside the original on a seeded random batch and must agree; o
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from hrank.errors import HRankError
+from hrank.modelcopy import copy_model
 
 # conv type -> the BatchNorm types it folds with (exact types: a subclass may change forward)
 _PAIRS: dict[type, tuple[type, ...]] = {
@@ -58,7 +58,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = FOL
     original's output on a seeded random batch of that shape within ``rtol`` (relative L2), else HRankError.
     The model must be traceable by torch.fx (HRankError otherwise); the caller's model is never changed.
     """
-    work = copy.deepcopy(model).eval()
+    work = copy_model(model).eval()
     try:
         gm = fx.symbolic_trace(work)
     except Exception as e:

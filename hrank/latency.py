@@ -15,7 +15,6 @@ closest is kept and the report says how far off it is).
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import io
 import json
@@ -39,6 +38,7 @@ from hrank import flops
 from hrank.budget import BudgetResult
 from hrank.errors import HRankError
 from hrank.io import _first_line, atomic_write_json, check_writable
+from hrank.modelcopy import copy_model
 
 RUNTIMES = ("torch", "torchscript", "onnxruntime")
 LAYOUTS = ("channels_last", "nchw")
@@ -456,7 +456,7 @@ def deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
     try:
         return fold_batchnorm(model, example).model
     except HRankError:
-        return copy.deepcopy(model).eval()
+        return copy_model(model).eval()
 
 
 def compare_end_to_end(runs: Mapping[str, Callable[[], None]], runtime: Runtime, *,

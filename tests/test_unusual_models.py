@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hrank.errors import HRankError
+from hrank.fold import fold_batchnorm
 from hrank.layers import is_conv
 from hrank.modelcopy import copy_model
 from hrank.plan import PlanGroup, build_dependency_graph, find_groups, make_plan
@@ -184,7 +185,8 @@ class Boxed:
         return iter([self.t])
 
 
-@pytest.mark.parametrize("wrap, match", [(Boxed, "object of type Boxed"), (lambda t: {"n": 3}, "holds no tensor|cannot trace")])
+@pytest.mark.parametrize("wrap, match", [(Boxed, "object of type Boxed"),
+                                         (lambda t: {"n": 3}, "holds no tensor|cannot trace")])
 def test_outputs_hrank_cannot_compare_are_refused(wrap, match):
     class M(nn.Module):
         def __init__(self) -> None:
@@ -216,6 +218,8 @@ def test_weight_norm_conv_is_refused_and_copies_fail_in_one_line():
     model(x).sum().backward()  # the computed weight is now a non-leaf tensor: deepcopy refuses
     with pytest.raises(HRankError, match="parametrizations.weight_norm"):
         copy_model(model)
+    with pytest.raises(HRankError, match="cannot copy the model"):  # folding works on a copy
+        fold_batchnorm(model, x)
 
 
 def test_trace_is_batched():
