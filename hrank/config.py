@@ -119,8 +119,9 @@ KEYS: dict[str, Key] = {
     "budget_order": Key((str,), "coupled", "order in which a budget search takes channels: coupled (shared "
                                            "streams pruned more slowly), uniform (same rate everywhere) or score",
                         ("coupled", "uniform", "score")),
-    "round_to": Key((int,), 8, "a budget search keeps pruned widths at multiples of this (fast kernels); 1 = exact "
-                               "channels"),
+    "round_to": Key((int,), 8, "a target_macs/target_params search keeps pruned widths at multiples of this (fast "
+                               "kernels); 1 = exact channels (not with target_latency: its widths come from the "
+                               "measurement)"),
     # pruning
     "mode": Key((str,), "physical", "physical (remove channels) or mask (HRank's zero masks, shapes unchanged)",
                 ("physical", "mask")),
@@ -236,6 +237,7 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     for key in ("train_subset", "test_subset", "num_classes"):
         if cfg[key] is not None and cfg[key] < 1:
             raise HRankError(f"config key {key!r} must be >= 1, got {cfg[key]}")
+    _check_latency_keys(cfg, given={*file_values, *overrides})
     for key in ("seed", "val_size", "workers"):
         if cfg[key] is not None and cfg[key] < 0:
             raise HRankError(f"config key {key!r} must be >= 0, got {cfg[key]}")
@@ -245,6 +247,26 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         raise HRankError("coupling 'independent' keeps different channels in coupled convs: only mode 'mask' "
                          "can apply it")
     return cfg
+
+
+def _check_latency_keys(cfg: dict[str, Any], given: set[str]) -> None:
+    """The latency keys' bounds (those of ``hrank.latency.LatencySetup``), and the keys a latency target cannot
+    honour: ``round_to`` (``given`` are the keys the file or the flags set) and mode ``mask``."""
+    from hrank.latency import MAX_BATCH, MAX_THREADS
+
+    for key, top in (("latency_batch", MAX_BATCH), ("latency_target_batch", MAX_BATCH),
+                     ("latency_threads", MAX_THREADS)):
+        if cfg[key] is not None and cfg[key] > top:
+            raise HRankError(f"config key {key!r} must be a whole number from 1 to {top}, got {cfg[key]}")
+    if cfg["target_latency"] is None:
+        return
+    if "round_to" in given:
+        raise HRankError("round_to does not apply to target_latency: a latency search keeps only the widths it "
+                         "measured faster than every wider one (docs/pruning.md, section 3c); drop round_to")
+    if cfg["mode"] == "mask":
+        raise HRankError("target_latency times the physically pruned model, but mode 'mask' keeps every channel "
+                         "(zeroed) and runs at the dense model's speed; use mode physical, or a target_macs budget "
+                         "for masks")
 
 
 def finetune_recipe(cfg: dict[str, Any]) -> recipes.Recipe:

@@ -232,9 +232,11 @@ def build_spec(model: nn.Module, rates: RateOptions, scores: Ranks | Mapping[str
     return SpecResult(result.spec, result)
 
 
-def check_rates(model: nn.Module, rates: RateOptions) -> None:
+def check_rates(model: nn.Module, rates: RateOptions, *, out: str | os.PathLike | None = None) -> None:
     """Check the rates before any work: the string/patterns parse against ``model``; a target is reachable
-    (searched on L1 scores, which cost nothing, so an impossible target fails before ranks are computed)."""
+    (searched on L1 scores, which cost nothing, so an impossible target fails before ranks are computed).
+    A latency target's setup is checked, and its cache folder: writable, and not inside ``out`` (the command's
+    output directory)."""
     from hrank.budget import parse_target
 
     target = rates.target
@@ -242,10 +244,12 @@ def check_rates(model: nn.Module, rates: RateOptions) -> None:
         rates_spec(model, rates)
         return
     if target[0] == "latency":  # measuring is the search itself: check the options only
-        from hrank.latency import LatencySetup, check_target
+        from hrank.latency import LatencySetup, check_cache_dir, check_target
 
         check_target(target[1])
         (rates.latency or LatencySetup()).check()
+        if rates.latency_cache is not None:
+            check_cache_dir(rates.latency_cache, out=out)
         return
     parse_target(target[1])
     build_spec(model, rates, criteria.l1_scores(model))

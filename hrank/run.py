@@ -173,7 +173,9 @@ class Run:
         plan = _hash([spec, c["coupling"], c["width_rule"]])
         prune = _hash([plan, c["mode"], c["recalibrate"], c["recalibrate_images"]])
         finetune = _hash([prune, c["finetune"], c["select_on_test"], c["train_subset"]])
-        evaluate_key = _hash([finetune, c["test_subset"], _file_id(c["lossless_test"])])
+        # the evaluate stage also times the baseline and the final model: what it measures is part of its key
+        measured = [c["latency"]] + ([c["latency_batch"], c["latency_layout"]] if c["latency"] else [])
+        evaluate_key = _hash([finetune, c["test_subset"], _file_id(c["lossless_test"]), measured])
         export = _hash([evaluate_key, c["export"]])
         report = _hash([evaluate_key, export, c["latency"], c["latency_batch"], c["latency_layout"]])
         return {"baseline": base, "scores": scores, "spec": spec, "plan": plan, "prune": prune,
@@ -188,8 +190,9 @@ class Run:
                                      normalization=c["normalization"], dataset=c["dataset"])
         model = loaded.model
         rates = rate_options(c)
-        if rates.target is None or not (self.dir / "spec.json").exists():
-            pipeline.check_rates(model, rates)  # an unreachable target fails now, not after ranking
+        if rates.target is None or self._will_run("spec"):
+            # an unreachable target, or a latency target's bad setup or cache, fails now, not after ranking
+            pipeline.check_rates(model, rates, out=self.dir)
         if c["ranks"]:
             pipeline.load_scores(c["ranks"], model, c["model"])
         if c["criterion"] != "hrank" and c["ranks"]:
@@ -226,6 +229,24 @@ class Run:
                 raise HRankError(f"{state_path} is not a stage record written by hrank run; use another --out")
             self.state = state
 
+    def _outputs(self, stage: str) -> list[str]:
+        """The files a stage writes (all there, with its record, when it is done)."""
+        if stage == "export":
+            from hrank import export
+
+            return ["export.json"] + [export.get(f).filename for f in self.cfg["export"]]
+        return self._OUTPUTS[stage]
+
+    def _done(self, stage: str) -> bool:
+        """The stage ran to the end with this configuration and its outputs are there."""
+        rec = self.state.get(stage)
+        return bool(rec is not None and rec.get("key") == self.stage_keys[stage] and rec.get("done")
+                    and all((self.dir / o).exists() for o in self._outputs(stage)))
+
+    def _will_run(self, stage: str) -> bool:
+        """The stage will run: it, or a stage before it (which reruns every stage after it), is not done."""
+        return not all(self._done(s) for s in STAGES[:STAGES.index(stage) + 1])
+
     def _stages_left(self) -> bool:
         return not all((self.state.get(s) or {}).get("key") == self.stage_keys[s] and self.state[s].get("done")
                        for s in STAGES)
@@ -257,6 +278,9 @@ class Run:
                                      "world_size": self.dist.world_size})
 
     # -- stage bookkeeping --------------------------------------------------------------------------------
+    _OUTPUTS = {"baseline": ["baseline.pt", "baseline.json"], "scores": ["scores.npz"], "spec": ["spec.json"],
+                "plan": ["plan.json"], "prune": ["pruned.pt", "prune.json"], "finetune": ["finetune.json", "model.pt"],
+                "evaluate": ["final.json"], "report": ["summary.json", "report.md", "report.html"]}
     # Work directories of stages that resume inside themselves (training); cleared when their inputs change.
     _WORK_DIRS = {"baseline": "baseline_train", "finetune": "finetune"}
 
@@ -268,12 +292,10 @@ class Run:
         """Writes happen on rank 0 only; the other processes wait for them (and learn of a failure)."""
         on_main(fn, self.dist)
 
-    def _stage(self, stage: str, outputs: list[str], fn: Callable[[], None], *, main_only: bool = False) -> None:
+    def _stage(self, stage: str, fn: Callable[[], None], *, main_only: bool = False) -> None:
         key = self.stage_keys[stage]
         rec = self.state.get(stage)
-        done = rec is not None and rec.get("key") == key and rec.get("done") \
-            and all((self.dir / o).exists() for o in outputs)
-        if broadcast(bool(done), self.dist):  # rank 0 decides: every process skips or runs the same stages
+        if broadcast(self._done(stage), self.dist):  # rank 0 decides: every process skips or runs the same stages
             self.print(f"[{stage}] done before, skipped")
             return
         resuming = rec is not None and rec.get("key") == key
@@ -649,18 +671,15 @@ class Run:
 
     def _execute(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self._stage("baseline", ["baseline.pt", "baseline.json"], self._baseline)
-        self._stage("scores", ["scores.npz"], self._scores)
-        self._stage("spec", ["spec.json"], self._spec)
-        self._stage("plan", ["plan.json"], self._plan)
-        self._stage("prune", ["pruned.pt", "prune.json"], self._prune)
-        self._stage("finetune", ["finetune.json", "model.pt"], self._finetune)
-        self._stage("evaluate", ["final.json"], self._evaluate)
-        from hrank import export
-
-        self._stage("export", ["export.json"] + [export.get(f).filename for f in self.cfg["export"]], self._export,
-                    main_only=True)
-        self._stage("report", ["summary.json", "report.md", "report.html"], self._report, main_only=True)
+        self._stage("baseline", self._baseline)
+        self._stage("scores", self._scores)
+        self._stage("spec", self._spec)
+        self._stage("plan", self._plan)
+        self._stage("prune", self._prune)
+        self._stage("finetune", self._finetune)
+        self._stage("evaluate", self._evaluate)
+        self._stage("export", self._export, main_only=True)
+        self._stage("report", self._report, main_only=True)
         self.print(f"done in {time.perf_counter() - t0:.0f} s: {self.dir}")
         return self.summary()
 

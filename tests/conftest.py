@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads (CI's cores), or what OMP_NUM_THREADS asks for on a busy machine
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_THREADS") or 2))))
 
 # Golden data from the official HRank repository (copied from ../shared/reference; see its README).
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
