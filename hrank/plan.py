@@ -281,11 +281,24 @@ class _ShapeRecorder(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.seen: dict[Any, tuple[str, list[tuple[int, ...]], tuple[int, ...]]] = {}
+        self.inside = 0  # > 0 inside a layer's forward: its ops are the layer's own (a conv subclass may scale
+        # its weight and call F.conv2d, which changes the channel count, as the layer does)
+
+    def watch(self, model: nn.Module) -> list[Any]:
+        """Hooks that tell the recorder when a conv or linear layer's own forward runs."""
+        def enter(*_: Any) -> None:
+            self.inside += 1
+
+        def leave(*_: Any) -> None:
+            self.inside -= 1
+
+        layers = [m for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
+        return [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
         grad_fn = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
-        if grad_fn is not None and grad_fn not in self.seen:
+        if grad_fn is not None and grad_fn not in self.seen and not self.inside:
             name = getattr(func, "__name__", str(func))
             self.seen[grad_fn] = (name, _shapes(list(args)) + _shapes(list((kwargs or {}).values())),
                                   tuple(out.shape))
@@ -308,6 +321,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     graph.hrank_opaque = set()
     graph.hrank_remaps = {}  # node -> the torch function's name
     recorder = _ShapeRecorder()
+    hooks = recorder.watch(model)
     try:
         with torch.enable_grad(), recorder:
             graph.build_dependency(
@@ -317,6 +331,9 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     except Exception as e:
         raise HRankError(f"cannot trace the model for dependency analysis ({_first_line(e)}); "
                          f"check that example_input fits the model") from None
+    finally:
+        for h in hooks:
+            h.remove()
     for node in graph.module2node.values():
         seen = recorder.seen.get(node.grad_fn) if node.type == tp.ops.OPTYPE.ELEMENTWISE else None
         if seen is not None and _remaps_channels(*seen):
