@@ -87,7 +87,7 @@ MODULES: dict[str, Module] = {
         "-k", "not official and not googlenet and not budget")),
     # the exact MACs/params cost model of a pruned network, step sizes, readable rates
     "budget": Module("hrank/budget.py", (
-        "xǁ_CostModelǁ__init__", "xǁ_CostModelǁ__call__", "x__steps", "x_readable_rate",
+        "xǁ_CostModelǁ__init__", "xǁ_CostModelǁwidths", "xǁ_CostModelǁ__call__", "x__steps", "x_readable_rate",
     ), ("tests/test_budget.py", "tests/test_mut_budget.py", "-k",
         "readable or mut or (hits_target and coupled) or outside_the_registry")),
     # physical channel removal: plan indices -> current positions, grouped convs' input blocks
@@ -164,11 +164,13 @@ EQUIVALENT: dict[str, str] = {
        "the same copy where every tensor is on the CPU (a CPU-only run; killed by the CUDA test)" for n in (80, 82)},
     "hrank.budget.x_readable_rate__mutmut_6": "a 0-digit try first: for 0 < n < C its candidate is 1.0 (prunes all "
     "C), and an integer rate works only when n = m * C, where the 1-digit try returns the same m",
+    **{f"hrank.budget.xǁ_CostModelǁwidths__mutmut_{n}": "zip(strict=...) dropped, False or None over "
+       "self.layers and two lists built as [0] * len(self.layers)" for n in (27, 31, 32)},
     **{f"hrank.budget.xǁ_CostModelǁ__call____mutmut_{n}": "zip(strict=...) dropped, False or None over "
-       "self.layers and two lists built as [0] * len(self.layers)" for n in (26, 30, 31)},
+       "self.layers and self.widths(counts), one entry per layer" for n in (6, 9, 11)},
     **{n: "the depthwise flag lost: Torch-Pruning's depthwise pruner has prune_in_channels = prune_out_channels, so "
        "a depthwise conv never gets an input removal (r_in = 0) and (cin - 0) // groups == cin // groups"
-       for n in ("hrank.budget.xǁ_CostModelǁ__call____mutmut_35", "hrank.budget.xǁ_CostModelǁ__init____mutmut_19",
+       for n in ("hrank.budget.xǁ_CostModelǁ__call____mutmut_13", "hrank.budget.xǁ_CostModelǁ__init____mutmut_19",
                  "hrank.budget.xǁ_CostModelǁ__init____mutmut_20")},
     "hrank.budget.xǁ_CostModelǁ__init____mutmut_37": "parameters(recurse=None): None is falsy, as recurse=False",
     "hrank.budget.xǁ_CostModelǁ__init____mutmut_51": "channel [1] instead of [0] probes the group: only the lengths "

@@ -167,19 +167,24 @@ class _CostModel:
                     slot[1] = max(slot[1], len(item.idxs))
             self.effects.append([(i, o, n) for i, (o, n) in effect.items()])
 
-    def __call__(self, counts: Sequence[int]) -> tuple[int, int]:
+    def widths(self, counts: Sequence[int]) -> list[tuple[int, int]]:
+        """(input, output) channels of every counted layer after removing ``counts`` channels per group (a
+        depthwise conv's input count is left as it was: its pruner removes inputs with outputs)."""
         removed_out = [0] * len(self.layers)
         removed_in = [0] * len(self.layers)
         for k, effect in zip(counts, self.effects, strict=True):
             for i, out_per, in_per in effect:
                 removed_out[i] += out_per * k
                 removed_in[i] += in_per * k
+        return [(layer[0] - r_in, layer[1] - r_out)
+                for layer, r_out, r_in in zip(self.layers, removed_out, removed_in, strict=True)]
+
+    def __call__(self, counts: Sequence[int]) -> tuple[int, int]:
         macs = 0
         params = self.other_params
-        for (cin, cout, per_macs, per_params, bias, depthwise, groups), r_out, r_in in zip(
-                self.layers, removed_out, removed_in, strict=True):
-            out = cout - r_out
-            inp = cin // groups if depthwise else (cin - r_in) // groups  # inputs each filter reads
+        for (cin, _, per_macs, per_params, bias, depthwise, groups), (width_in, out) in zip(
+                self.layers, self.widths(counts), strict=True):
+            inp = cin // groups if depthwise else width_in // groups  # inputs each filter reads
             macs += inp * out * per_macs
             params += inp * out * per_params + (out if bias else 0)
         return macs, params

@@ -419,19 +419,11 @@ class LatencyModel:
         self.per_act_ms, self.fixed_ms = per_act, self.rest_ms - per_act * self.act_dense
 
     def widths(self, counts: Sequence[int]) -> list[tuple[int, int]]:
-        """(input channels, output channels) of every layer call after removing ``counts`` per group."""
-        removed_out = [0] * len(self.cost.layers)
-        removed_in = [0] * len(self.cost.layers)
-        for k, effect in zip(counts, self.cost.effects, strict=True):
-            for i, out_per, in_per in effect:
-                removed_out[i] += out_per * k
-                removed_in[i] += in_per * k
-        out = []
-        for (cin, cout, _, _, _, depthwise, _), r_out, r_in in zip(self.cost.layers, removed_out, removed_in,
-                                                                     strict=True):
-            width_out = cout - r_out
-            out.append((width_out if depthwise else cin - r_in, width_out))
-        return out
+        """(input channels, output channels) of every layer call after removing ``counts`` per group (a
+        depthwise conv reads as many channels as it writes)."""
+        return [(width_out if depthwise else width_in, width_out)
+                for (*_, depthwise, _), (width_in, width_out) in zip(self.cost.layers, self.cost.widths(counts),
+                                                                     strict=True)]
 
     def _layers_ms(self, counts: Sequence[int]) -> float:
         return sum(self.table.layer_ms(m, in_shape, cin, cout)
