@@ -227,6 +227,8 @@ def test_round_to_must_be_positive_and_is_refused_with_a_latency_target(tmp_path
         _one_line_error(rc, err, tmp_path, "--round-to", f"round_to must be a positive integer, got {bad}")
     rc, err = _prune(tmp_path, capsys, "--target-latency", "0.5", "--round-to", "8")
     _one_line_error(rc, err, tmp_path, "--round-to does not apply to --target-latency", "measured")
+    rc, err = _prune(tmp_path, capsys, "--compress-rate", "[0.1]*19", "--round-to", "8")  # no search to round
+    _one_line_error(rc, err, tmp_path, "--round-to rounds the widths", "drop --round-to")
     # a MACs target still takes it, and the default is the config's
     from hrank.cli import build_parser
     from hrank.cli.prune import ROUND_TO_DEFAULT, _rate_options

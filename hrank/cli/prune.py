@@ -217,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
         raise HRankError("--independent plans ignore coupling and are only valid with --mode mask")
     if args.round_to is not None and args.round_to < 1:  # a whole number (argparse), checked whatever the target
         raise HRankError(f"round_to must be a positive integer, got {args.round_to} (--round-to; 1 = exact channels)")
+    if args.round_to is not None and target is None:
+        raise HRankError("--round-to rounds the widths a --target-macs/--target-params search finds; rates given "
+                         "directly or by --plan are used as they are: drop --round-to or give a target")
     device = resolve_device(args.device)
     if args.target_latency is not None:
         _check_latency(args, out, device)
