@@ -176,6 +176,12 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+def _error_line(e: BaseException) -> str:
+    """An exception as one line, its type first (``RuntimeError: ...``), for messages that wrap it."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
 def _torch_load_error(e: BaseException) -> str:
     """The useful part of torch.load's message: the safe unpickler's own reason, not its page of advice."""
     text = str(e)

@@ -37,7 +37,7 @@ from torch import nn
 from hrank import flops
 from hrank.budget import BudgetResult
 from hrank.errors import HRankError
-from hrank.io import _first_line, atomic_write_json, check_writable
+from hrank.io import _error_line, _first_line, atomic_write_json, check_writable
 from hrank.modelcopy import copy_model
 
 RUNTIMES = ("torch", "torchscript", "onnxruntime")
@@ -100,8 +100,8 @@ def _whole(value: Any) -> bool:
 
 def _cannot_run(runtime: str, module: nn.Module, e: Exception) -> HRankError:
     """The one-line error for a model the runtime cannot take (an export or a trace that fails)."""
-    return HRankError(f"the {runtime} latency runtime cannot run {type(module).__name__} ({type(e).__name__}: "
-                      f"{_first_line(e)}); measure on eager PyTorch instead (--latency-runtime torch)")
+    return HRankError(f"the {runtime} latency runtime cannot run {type(module).__name__} ({_error_line(e)}); "
+                      f"measure on eager PyTorch instead (--latency-runtime torch)")
 
 
 class Runtime(Protocol):

@@ -14,6 +14,7 @@ from typing import TypeVar
 from torch import nn
 
 from hrank.errors import HRankError
+from hrank.io import _error_line
 
 __all__ = ["copy_model"]
 
@@ -25,9 +26,8 @@ def copy_model(model: M) -> M:
     try:
         return copy.deepcopy(model)
     except Exception as e:
-        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         hint = ""
         if any(hasattr(m, "weight_g") and hasattr(m, "weight_v") for m in model.modules()):
             hint = ("; it uses the old torch.nn.utils.weight_norm, which keeps a computed weight: use "
                     "torch.nn.utils.parametrizations.weight_norm or remove the weight norm first")
-        raise HRankError(f"cannot copy the model ({type(e).__name__}: {text}){hint}") from None
+        raise HRankError(f"cannot copy the model ({_error_line(e)}){hint}") from None

@@ -37,7 +37,7 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from hrank import __version__, models
 from hrank.errors import HRankError
-from hrank.io import atomic_write_json
+from hrank.io import _error_line, atomic_write_json
 from hrank.layers import CONV_TYPES, conv_names, is_conv, is_grouped
 from hrank.models.base import ChannelPadShortcut
 from hrank.spec import Spec, num_pruned
@@ -84,11 +84,6 @@ class ShortcutPruner(tp.pruner.BasePruningFunc):
 
     def get_in_channels(self, layer: ChannelPadShortcut) -> int:
         return layer.in_channels
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor:
@@ -329,7 +324,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     except HRankError:
         raise
     except Exception as e:
-        raise HRankError(f"cannot trace the model for dependency analysis ({_first_line(e)}); "
+        raise HRankError(f"cannot trace the model for dependency analysis ({_error_line(e)}); "
                          f"check that example_input fits the model") from None
     finally:
         for h in hooks:
@@ -401,7 +396,7 @@ def _group_of(graph: tp.DependencyGraph, conv: nn.Module, idxs: Sequence[int]):
     try:
         return graph.get_pruning_group(conv, tp.prune_conv_out_channels, list(idxs))
     except Exception as e:
-        raise HRankError(f"dependency analysis failed ({_first_line(e)})") from None
+        raise HRankError(f"dependency analysis failed ({_error_line(e)})") from None
 
 
 def _node_label(node: Any, names: dict[nn.Module, str]) -> str:
@@ -667,7 +662,7 @@ class Plan:
                         str(d.get("hrank_version", "")), dict(d.get("meta") or {}),
                         [{"conv": str(s["conv"]), "reason": str(s["reason"])} for s in d.get("skipped") or []])
         except (KeyError, TypeError, ValueError) as e:
-            raise HRankError(f"malformed plan: {_first_line(e)}") from None
+            raise HRankError(f"malformed plan: {_error_line(e)}") from None
         if plan.coupling not in ("groups", "independent"):
             raise HRankError(f"malformed plan: unknown coupling {plan.coupling!r}")
         for g in plan.groups:
@@ -691,7 +686,7 @@ class Plan:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise HRankError(f"cannot read plan {path}: {_first_line(e)}") from None
+            raise HRankError(f"cannot read plan {path}: {_error_line(e)}") from None
         return Plan.from_json(data)
 
     def summary(self) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 
 from hrank import flops, models
 from hrank.errors import HRankError
+from hrank.io import _error_line
 from hrank.layers import is_conv, is_grouped
 from hrank.modelcopy import copy_model
 from hrank.models.base import ChannelPadShortcut
@@ -39,11 +40,6 @@ __all__ = ["apply_plan", "enforce_masks", "recalibrate_bn", "hrank_rule_counts",
 
 MODES = ("physical", "mask")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 def _example_input(model: nn.Module, plan: Plan, example_input: torch.Tensor | None) -> torch.Tensor:
@@ -118,7 +114,7 @@ def _forward_check(model: nn.Module, plan: Plan, x: torch.Tensor, expected_out: 
     try:
         shape = _output_shape(model, x)
     except Exception as e:
-        raise HRankError(f"the pruned model fails its forward check ({_first_line(e)})") from None
+        raise HRankError(f"the pruned model fails its forward check ({_error_line(e)})") from None
     finally:
         for h in hooks:
             h.remove()
@@ -145,7 +141,7 @@ def _train_check(model: nn.Module, x: torch.Tensor) -> None:
         except Exception:
             run(torch.cat([x, x]))  # BatchNorm needs two values per channel
     except Exception as e:
-        raise HRankError(f"the pruned model fails in training mode ({_first_line(e)}): a layer that runs only "
+        raise HRankError(f"the pruned model fails in training mode ({_error_line(e)}): a layer that runs only "
                          f"in training (an auxiliary head?) reads pruned channels; ignore the convs it reads") \
             from None
 
@@ -210,7 +206,7 @@ def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, con
         except HRankError:
             raise
         except Exception as e:
-            raise HRankError(f"Torch-Pruning failed while removing channels of {root} ({_first_line(e)})") from None
+            raise HRankError(f"Torch-Pruning failed while removing channels of {root} ({_error_line(e)})") from None
         for m in pg.members:
             present[m] = [c for c in present[m] if c in kept]
 
@@ -309,7 +305,7 @@ def _mask_plan(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: d
             try:
                 group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, pruned)
             except Exception as e:
-                raise HRankError(f"dependency analysis failed for {member} ({_first_line(e)})") from None
+                raise HRankError(f"dependency analysis failed for {member} ({_error_line(e)})") from None
             if plan.coupling == "independent":
                 own = _first_norms(graph, conv)
                 masks += _out_masks(conv, member, None, None, pruned)
