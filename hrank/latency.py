@@ -334,8 +334,7 @@ class LayerTable:
         if path is not None and path.exists():
             table.entries, problem = _read_cache(path, setup.identity())
             if problem:
-                (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
-                    f"latency cache {path}: {problem}; measuring again")
+                _tell(warn, f"latency cache {path}: {problem}; measuring again")
         return table
 
     def save(self, warn: Callable[[str], None] | None = None) -> None:
@@ -345,9 +344,8 @@ class LayerTable:
             try:
                 atomic_write_json(self.path, {"identity": self.setup.identity(), "entries": self.entries})
             except OSError as e:
-                (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
-                    f"latency cache {self.path} not saved ({e.strerror or e}); its timings are measured again "
-                    f"next time")
+                _tell(warn, f"latency cache {self.path} not saved ({e.strerror or e}); its timings are measured "
+                            f"again next time")
 
     def layer_ms(self, m: nn.Module, in_shape: Sequence[int], cin: int, cout: int) -> float:
         """Milliseconds of a layer like ``m`` reading ``cin`` channels and writing ``cout``, on an input of
@@ -368,6 +366,14 @@ class LayerTable:
             self.entries[key] = float(ms)
             self.measured += 1
         return self.entries[key]
+
+
+def _tell(warn: Callable[[str], None] | None, message: str) -> None:
+    """``warn(message)``, or a Python warning attributed to the caller of the table method that warns."""
+    if warn is not None:
+        warn(message)
+    else:
+        warnings.warn(message, stacklevel=3)
 
 
 def _read_cache(path: Path, identity: dict[str, Any]) -> tuple[dict[str, float], str]:

@@ -246,17 +246,23 @@ def _called(model: nn.Module, x: torch.Tensor, training: bool) -> set[nn.Module]
     return seen
 
 
+def _in_training(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+    """``fn(x)`` for a training-mode pass, retried on the batch doubled when it fails: BatchNorm in training
+    mode needs two values per channel, and the example is often a batch of one."""
+    try:
+        return fn(x)
+    except Exception:
+        return fn(torch.cat([x, x]))
+
+
 def _train_only(model: nn.Module, x: torch.Tensor) -> set[nn.Module]:
     """Modules with parameters that run in training mode but not in eval mode (auxiliary heads). Empty when
-    a training-mode pass cannot run at all (a batch of one through BatchNorm1d, a loss inside forward):
-    training would then fail for reasons of its own, before pruning matters."""
+    a training-mode pass cannot run at all (a loss inside forward): training would then fail for reasons of
+    its own, before pruning matters."""
     try:
-        train = _called(model, x, True)
+        train = _in_training(lambda batch: _called(model, batch, True), x)
     except Exception:
-        try:
-            train = _called(model, torch.cat([x, x]), True)  # BatchNorm needs two values per channel
-        except Exception:
-            return set()
+        return set()
     return train - _called(model, x, False)
 
 
@@ -360,10 +366,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None 
     if graph.hrank_train_only:
         try:
             with _Preserved(model, x):
-                try:
-                    graph.hrank_train_graph = _trace(_TrainMode(model), x)
-                except HRankError:
-                    graph.hrank_train_graph = _trace(_TrainMode(model), torch.cat([x, x]))
+                graph.hrank_train_graph = _in_training(lambda batch: _trace(_TrainMode(model), batch), x)
         except HRankError as e:
             raise HRankError(f"the model runs {len(graph.hrank_train_only)} layer(s) only in training mode "
                              f"(an auxiliary head?) and tracing it in training mode failed: {e}") from None
@@ -440,16 +443,17 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
     reasons: list[str] = []
     blocks = 1
     opaque = getattr(graph, "hrank_opaque", set())
+    remaps = getattr(graph, "hrank_remaps", {})
     for item in group:
         target, handler = item.dep.target, item.dep.handler
         module = target.module
         if target in opaque and target.type in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND):
             reasons.append(f"its channels are split or sliced by position ({_node_label(target, names)}: "
                            f"torch.split/chunk/unbind or y[:, a:b] in forward), which pruning cannot rewrite")
-        elif getattr(graph, "hrank_remaps", {}).get(target) == "pad":
+        elif remaps.get(target) == "pad":
             reasons.append("its channels are padded (F.pad on the channel dimension, e.g. an option-A shortcut "
                            "written as a lambda), which pruning cannot rewrite: use hrank.models.ChannelPadShortcut")
-        elif target in getattr(graph, "hrank_remaps", {}):
+        elif target in remaps:
             reasons.append(f"its channels pass {_node_label(target, names)}, an op that changes their number or "
                            f"mixes them with another dimension (e.g. a pixel shuffle or a matrix product), "
                            f"which hrank cannot map")

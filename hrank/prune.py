@@ -33,7 +33,7 @@ from hrank.io import _error_line
 from hrank.layers import is_conv, is_grouped
 from hrank.modelcopy import copy_model
 from hrank.models.base import ChannelPadShortcut
-from hrank.plan import Plan, PlanGroup, _Preserved, build_dependency_graph, find_groups
+from hrank.plan import Plan, PlanGroup, _called, _in_training, build_dependency_graph, find_groups
 from hrank.spec import Spec
 
 __all__ = ["apply_plan", "enforce_masks", "recalibrate_bn", "hrank_rule_counts", "layer_widths", "MODES"]
@@ -130,16 +130,8 @@ def _forward_check(model: nn.Module, plan: Plan, x: torch.Tensor, expected_out: 
 def _train_check(model: nn.Module, x: torch.Tensor) -> None:
     """The pruned model must still run in training mode (it has layers that run only there); nothing in
     the model changes (BatchNorm statistics and the RNG state are restored)."""
-    def run(batch: torch.Tensor) -> None:
-        with _Preserved(model, batch), torch.no_grad():
-            model.train()
-            model(batch)
-
     try:
-        try:
-            run(x)
-        except Exception:
-            run(torch.cat([x, x]))  # BatchNorm needs two values per channel
+        _in_training(lambda batch: _called(model, batch, True), x)
     except Exception as e:
         raise HRankError(f"the pruned model fails in training mode ({_error_line(e)}): a layer that runs only "
                          f"in training (an auxiliary head?) reads pruned channels; ignore the convs it reads") \
@@ -192,13 +184,18 @@ def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, con
         positions = [i for i, c in enumerate(present[root]) if c not in kept]
         try:
             group = graph.get_pruning_group(convs[root], tp.prune_conv_out_channels, positions)
-            grouped_inputs = [(item.dep.target.module, item.dep.target.module.weight, list(item.idxs))
-                              for item in group if is_grouped(item.dep.target.module)
-                              and not graph.is_out_channel_pruning_fn(item.dep.handler)]
+            # grouped convs' weights before Torch-Pruning slices them: the inputs each loses, and its filters
+            # when the same group removes its outputs too (a residual stream it reads and writes)
+            grouped_inputs: list[tuple[nn.Module, torch.Tensor, list[int]]] = []
             grouped_outputs: dict[nn.Module, list[int]] = {}
             for item in group:
-                if is_grouped(item.dep.target.module) and graph.is_out_channel_pruning_fn(item.dep.handler):
-                    grouped_outputs.setdefault(item.dep.target.module, []).extend(int(i) for i in item.idxs)
+                module = item.dep.target.module
+                if not is_grouped(module):
+                    continue
+                if graph.is_out_channel_pruning_fn(item.dep.handler):
+                    grouped_outputs.setdefault(module, []).extend(int(i) for i in item.idxs)
+                else:
+                    grouped_inputs.append((module, module.weight, list(item.idxs)))
             group.prune()
             for conv, weight, drop in grouped_inputs:
                 conv.weight = nn.Parameter(_grouped_in_weight(weight, conv.groups, drop, grouped_outputs.get(conv, ())),

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,13 @@ def read_run_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(saved, dict) or not isinstance(saved.get("identity"), dict):
         raise HRankError(f"{path} was not written by hrank run: {run_dir} is not an hrank run directory")
     return saved
+
+
+def _export_files(formats: Sequence[str]) -> list[str]:
+    """The files the export stage writes for ``formats``: its record and one file per format."""
+    from hrank import export
+
+    return ["export.json"] + [export.get(f).filename for f in formats]
 
 
 # The JSON records of the stages: the stage that writes each, and the keys (with their types) the later stages
@@ -231,11 +238,7 @@ class Run:
 
     def _outputs(self, stage: str) -> list[str]:
         """The files a stage writes (all there, with its record, when it is done)."""
-        if stage == "export":
-            from hrank import export
-
-            return ["export.json"] + [export.get(f).filename for f in self.cfg["export"]]
-        return self._OUTPUTS[stage]
+        return _export_files(self.cfg["export"]) if stage == "export" else self._OUTPUTS[stage]
 
     def _done(self, stage: str) -> bool:
         """The stage ran to the end with this configuration and its outputs are there."""
@@ -548,7 +551,7 @@ class Run:
         model, _ = load_model(self.dir / "model.pt")
         # the exports of an earlier model.pt (or of formats no longer asked for) must not lie beside this one:
         # the files the stage writes by name are removed first, then the asked formats are written again
-        for name in ["export.json"] + [export.get(f).filename for f in export.names()]:
+        for name in _export_files(export.names()):
             (self.dir / name).unlink(missing_ok=True)
         info = pipeline.export_model(model, self.cfg["export"], self.dir, self.input_size, printer=self.print)
         atomic_write_json(self.dir / "export.json", info)
