@@ -100,13 +100,24 @@ def run_grid(args: argparse.Namespace) -> None:
             scores = compute_scores(base, train, ("hrank", "chip"), num_images=args.rank_images, seed=seed,
                                     normalization=norm, device=device, progress=False)
             score_seconds = time.perf_counter() - t0
-            budget = find_budget(base, scores["hrank"], target=args.target_macs, metric="macs")
-            setup = {"machine": machine, "seed": seed, "spec": budget.hrank_string(), "macs": budget.macs,
-                     "params": budget.params, "baseline_macs": budget.baseline, "score_seconds": score_seconds,
+            if args.rates:  # the widths given: counted on the model they prune to (any criterion's choice)
+                widths = Spec.from_string(base, args.rates)
+                pruned = apply_plan(copy.deepcopy(base), make_plan(base, scores["hrank"], widths), mode="physical")
+                counts, spec_string, baseline = flops.count(pruned), args.rates, flops.count(base).macs
+                macs, params = counts.macs, counts.params
+            else:
+                budget = find_budget(base, scores["hrank"], target=args.target_macs, metric="macs")
+                spec_string, macs, params, baseline = (budget.hrank_string(), budget.macs, budget.params,
+                                                       budget.baseline)
+            setup = {"machine": machine, "seed": seed, "spec": spec_string, "macs": macs,
+                     "params": params, "baseline_macs": baseline, "score_seconds": score_seconds,
                      "dense": accuracy(base)}
             for name, ranks in scores.items():
                 ranks.save(sdir / f"{name}.npz")
             atomic_write_json(info_path, setup)
+        if args.rates and setup["spec"] != args.rates:
+            raise SystemExit(f"{info_path} records the widths {setup['spec']}, not --rates {args.rates}: "
+                             f"use another --out")
         print(f"seed {seed}: widths {setup['spec']} -> {flops.format_count(setup['macs'])} MACs "
               f"({setup['macs'] / setup['baseline_macs']:.1%}); dense {setup['dense']}", flush=True)
         spec = Spec.from_string(base, setup["spec"])  # the recorded widths, the same for every cell of the seed
@@ -118,7 +129,8 @@ def run_grid(args: argparse.Namespace) -> None:
                 "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "lr_ref_batch": 0,
                 "warmup_epochs": min(0.5, float(args.epochs)),
                 "distill_weight": args.distill_weight if recipe_name == "distill" else 0.0,
-                "distill_temperature": args.distill_temperature}, "experiment").validate()
+                "distill_temperature": args.distill_temperature,
+                "label_smoothing": args.label_smoothing}, "experiment").validate()
             cell_train = ft_train
             if criterion == "dense":
                 model = copy.deepcopy(base)
@@ -245,6 +257,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--distill-weight", type=float, default=0.5)
     ap.add_argument("--distill-temperature", type=float, default=4.0)
+    ap.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    ap.add_argument("--rates", default=None,
+                    help="HRank rate string of the widths, instead of the --target-macs budget search's")
     ap.add_argument("--train-subset", type=int, default=None, help="fine-tune on this many training images")
     ap.add_argument("--val-images", type=int, default=None,
                     help="select epochs (and report val) on the first N of the 5,000 validation images")
