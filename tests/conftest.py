@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1, int(os.environ.get("OMP
 
 # Golden data from the official HRank repository (copied from ../shared/reference; see its README).
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
+
+
+def copy_run(finished: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of a module's shared finished run, so a test may damage it: (run dir, data dir)."""
+    out, data = finished
+    shutil.copytree(out, tmp_path / "run")
+    return tmp_path / "run", data
 
 
 def write_cifar(root: Path, n_train: int = 64, n_test: int = 32, num_classes: int = 10, seed: int = 0,

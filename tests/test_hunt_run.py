@@ -44,9 +44,9 @@ def finished(tmp_path_factory):
 @pytest.fixture
 def copy(finished, tmp_path):
     """A private copy of the finished run: (run dir, data dir)."""
-    out, data = finished
-    shutil.copytree(out, tmp_path / "run")
-    return tmp_path / "run", data
+    from tests.conftest import copy_run
+
+    return copy_run(finished, tmp_path)
 
 
 def _one_line_error(capsys) -> str:

@@ -5,7 +5,6 @@ times changes (latency, latency_batch, latency_layout), while an unchanged rerun
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -161,9 +160,10 @@ def finished(tmp_path_factory, one_thread):
 
 @pytest.fixture
 def copy(finished, tmp_path):
-    out, data = finished
-    shutil.copytree(out, tmp_path / "run")
-    return tmp_path / "run", data
+    """A private copy of the finished run: (run dir, data dir)."""
+    from tests.conftest import copy_run
+
+    return copy_run(finished, tmp_path)
 
 
 def _rerun(run_dir: Path, data: Path, **overrides) -> list[str]:
