@@ -237,7 +237,14 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     for key in ("train_subset", "test_subset", "num_classes"):
         if cfg[key] is not None and cfg[key] < 1:
             raise HRankError(f"config key {key!r} must be >= 1, got {cfg[key]}")
-    _check_latency_keys(cfg, given={*file_values, *overrides})
+    given = {*file_values, *overrides}
+    _check_latency_keys(cfg, given)
+    search = [k for k in ("max_rate", "budget_order", "round_to") if k in given]
+    if search and all(cfg[k] is None for k in ("target_macs", "target_params", "target_latency")):
+        keys = "/".join(search)
+        raise HRankError(f"{keys} {'tunes' if len(search) == 1 else 'tune'} a target_macs/target_params/"
+                         f"target_latency search; compress_rate/rates are used as they are: drop {keys} or give a "
+                         "target")
     for key in ("seed", "val_size", "workers"):
         if cfg[key] is not None and cfg[key] < 0:
             raise HRankError(f"config key {key!r} must be >= 0, got {cfg[key]}")

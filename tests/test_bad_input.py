@@ -150,6 +150,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("prune-max-rate-inf", [*PRUNE, "--target-macs", "0.5", "--max-rate", "inf"], "must be a finite number"),
     ("run-max-rate-2", [*run_args(rate=False), "--target-macs", "0.5", "--max-rate", "2"],
      "'max_rate' must be in (0, 1)"),
+    # --- search settings with no search: refused, not silently ignored --------------------------------------------
+    ("prune-max-rate-no-target", [*PRUNE, "--compress-rate", "[0.1]*19", "--max-rate", "0.5"],
+     "--max-rate tunes a --target-macs/--target-params/--target-latency search"),
+    ("prune-order-no-target", [*PRUNE, "--compress-rate", "[0.1]*19", "--budget-order", "uniform", "--max-rate",
+                               "0.5"], "--max-rate/--budget-order tune a"),
+    ("run-round-to-no-target", [*RUN, "--round-to", "16"], "round_to tunes a target_macs/target_params/"),
+    ("run-order-no-target", [*RUN, "--budget-order", "score", "--max-rate", "0.5"],
+     "max_rate/budget_order tune a target_macs"),
     # --- silent garbage: non-finite weights or outputs ------------------------------------------------------------
     ("prune-nan-checkpoint", [*PRUNE, "--checkpoint", "{ws}/nan.pt", "--compress-rate", "[0.1]*19"],
      "holds non-finite weights (NaN or inf) in layer2.0.conv1.weight"),

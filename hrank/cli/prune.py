@@ -26,6 +26,7 @@ from hrank.latency import LAYOUTS, RUNTIMES
 
 ORDERS = config.KEYS["budget_order"].choices  # hrank.budget's, without importing it for --help
 ORDER_DEFAULT = config.KEYS["budget_order"].default
+MAX_RATE_DEFAULT = config.KEYS["max_rate"].default
 ROUND_TO_DEFAULT = config.KEYS["round_to"].default
 
 
@@ -75,10 +76,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="CPU threads of the latency target (default: torch's)")
     src.add_argument("--latency-cache", default=None,
                      help="folder of the per-layer latency tables (default: $HRANK_CACHE or ~/.cache/hrank)")
-    src.add_argument("--max-rate", type=finite_float, default=0.9,
-                     help="largest rate a budget search may give one group (default %(default)s)")
-    src.add_argument("--budget-order", default=ORDER_DEFAULT, choices=ORDERS,
-                     help="order in which a budget search takes channels (default %(default)s; docs/pruning.md)")
+    src.add_argument("--max-rate", type=finite_float, default=None,
+                     help=f"largest rate a budget search may give one group (default {MAX_RATE_DEFAULT})")
+    src.add_argument("--budget-order", default=None, choices=ORDERS,
+                     help=f"order in which a budget search takes channels (default {ORDER_DEFAULT}; "
+                          "docs/pruning.md)")
     src.add_argument("--round-to", type=int, default=None,
                      help="a --target-macs/--target-params search keeps pruned widths at multiples of this; 1 = "
                           f"exact channels (default {ROUND_TO_DEFAULT}; a --target-latency search takes its widths "
@@ -143,7 +145,8 @@ def _rate_options(args: argparse.Namespace, device: Any = None) -> pipeline.Rate
     return pipeline.RateOptions(compress_rate=args.compress_rate, rates=args.rates, rates_file=args.rates_file,
                                 ignore=args.ignore, target_macs=args.target_macs, target_params=args.target_params,
                                 target_latency=args.target_latency, latency=latency, latency_cache=cache,
-                                max_rate=args.max_rate, budget_order=args.budget_order,
+                                max_rate=MAX_RATE_DEFAULT if args.max_rate is None else args.max_rate,
+                                budget_order=args.budget_order or ORDER_DEFAULT,
                                 round_to=ROUND_TO_DEFAULT if args.round_to is None else args.round_to)
 
 
@@ -220,6 +223,12 @@ def run(args: argparse.Namespace) -> int:
     if args.round_to is not None and target is None:
         raise HRankError("--round-to rounds the widths a --target-macs/--target-params search finds; rates given "
                          "directly or by --plan are used as they are: drop --round-to or give a target")
+    search = [f for f, v in (("--max-rate", args.max_rate), ("--budget-order", args.budget_order)) if v is not None]
+    if search and target is None:
+        flags = "/".join(search)
+        raise HRankError(f"{flags} {'tunes' if len(search) == 1 else 'tune'} a --target-macs/--target-params/"
+                         f"--target-latency search; rates given directly or by --plan are used as they are: drop "
+                         f"{flags} or give a target")
     device = resolve_device(args.device)
     if args.target_latency is not None:
         _check_latency(args, out, device)
