@@ -800,13 +800,21 @@ class _Group:
     chip: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # CHIP score sums per conv slice
 
 
-def _check_input(model: nn.Module, shape: Sequence[int]) -> None:
-    """One-line errors for images that cannot fit the model (channels; registry input size)."""
+def _check_input(model: nn.Module, shape: Sequence[int], x: torch.Tensor | None = None) -> None:
+    """One-line errors for images that cannot fit the model (channels; registry input size).
+
+    A first conv that reads other than the images' channels is only an error when the model fails on ``x``:
+    stems such as TResNet's space-to-depth (3 -> 48 channels) rearrange the image before the first conv."""
     if len(shape) != 4:
         raise HRankError(f"images must be (N, C, H, W), got shape {tuple(shape)}")
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is not None and shape[1] != first.in_channels:
-        raise HRankError(f"images have {shape[1]} channels, the model's first conv expects {first.in_channels}")
+    if first is not None and shape[1] != first.in_channels and x is not None:
+        try:
+            with torch.no_grad():
+                model(x[:1])
+        except Exception:  # the model cannot take these images: say why in the terms of the likely cause
+            raise HRankError(f"images have {shape[1]} channels, the model's first conv expects "
+                             f"{first.in_channels}") from None
     arch = getattr(model, "hrank_arch", None)
     if arch in models.names():
         spec = models.get_spec(arch)
@@ -1040,7 +1048,7 @@ def _compute(model: nn.Module, data: Any, criteria: tuple[str, ...], *, num_imag
         with torch.no_grad(), _full_float32(dev):
             for x in batches:
                 if hooks is None:
-                    _check_input(model, x.shape)
+                    _check_input(model, x.shape, x)
                     resolved, reasons, linear = _resolve_points(model, points, convs, x)
                     kinds = tuple("rank" if c == "hrank" else c for c in criteria)
                     hooks = _Hooks(model, resolved, method, chunk, pool, n_workers, kinds, chip_method)

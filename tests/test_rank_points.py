@@ -417,6 +417,31 @@ def test_input_type_errors():
         compute_ranks(model, {"images": torch.zeros(4, 3, 8, 8)}, **kw)
 
 
+
+class _SpaceToDepth(nn.Module):
+    """TResNet's stem: 2x2 space-to-depth (3 -> 12 channels) before the first conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(F.pixel_unshuffle(x, 2))))
+
+
+def test_first_conv_reading_rearranged_images_is_ranked_and_wrong_channels_are_one_line():
+    # the first conv reads 12 channels of 3-channel images: not an error when the model runs on them
+    torch.manual_seed(0)
+    model = _SpaceToDepth().eval()
+    ranks = compute_ranks(model, torch.randn(4, 3, 16, 16), num_images=4, progress=False)
+    assert ranks.scores["conv"].shape == (8,)
+    # the same model on 1-channel images fails, and says so in the terms of its first conv
+    with pytest.raises(HRankError, match="images have 1 channels, the model's first conv expects 12"):
+        compute_ranks(model, torch.randn(4, 1, 16, 16), num_images=4, progress=False)
+    with pytest.raises(HRankError, match="images have 1 channels, the model's first conv expects 3"):
+        compute_ranks(ConvBNAct(fn=F.relu), torch.randn(4, 1, 8, 8), num_images=4, progress=False)
+
 # --------------------------------------------------------------------------------------------------
 # torchvision models: every conv that runs once gets a point
 # --------------------------------------------------------------------------------------------------
