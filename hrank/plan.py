@@ -24,6 +24,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,11 @@ def _shapes(value: Any) -> list[tuple[int, ...]]:
     return []
 
 
+# Layers whose buffers Torch-Pruning prunes with the layer (BatchNorm's statistics) or that own none per channel.
+_PRUNED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                  nn.PReLU, nn.Embedding)
+
+
 class _ShapeRecorder(TorchFunctionMode):
     """Records, for each autograd node a torch function creates, the function's name, its tensor inputs'
     shapes and its output's shape (the first function to produce a node wins: ``contiguous()`` on a
@@ -284,17 +290,47 @@ class _ShapeRecorder(TorchFunctionMode):
         self.seen: dict[Any, tuple[str, list[tuple[int, ...]], tuple[int, ...]]] = {}
         self.inside = 0  # > 0 inside a layer's forward: its ops are the layer's own (a conv subclass may scale
         # its weight and call F.conv2d, which changes the channel count, as the layer does)
+        self.stack: list[nn.Module] = []  # the modules whose forward is running, innermost last
+        self.fixed: dict[Any, str] = {}  # grad_fn -> "buffer NAME of MODULE (TYPE)" sized by its channels
 
     def watch(self, model: nn.Module) -> list[Any]:
-        """Hooks that tell the recorder when a conv or linear layer's own forward runs."""
+        """Hooks that tell the recorder when a conv or linear layer's own forward runs, and which module's
+        forward issues each op."""
         def enter(*_: Any) -> None:
             self.inside += 1
 
         def leave(*_: Any) -> None:
             self.inside -= 1
 
+        def push(module: nn.Module, *_: Any) -> None:
+            self.stack.append(module)
+
+        def pop(*_: Any) -> None:
+            if self.stack:
+                self.stack.pop()
+
+        self.names = {m: n for n, m in model.named_modules()}
         layers = [m for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
-        return [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+        hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+        return hooks + [h for m in model.modules() for h in (m.register_forward_pre_hook(push),
+                                                              m.register_forward_hook(pop))]
+
+    def _fixed_buffer(self, channels: int) -> str | None:
+        """The buffer of the module issuing the op that has a dimension of ``channels``: a fixed per-channel
+        tensor (a BlurPool's filter, a FrozenBatchNorm's statistics) that pruning cannot shrink, since
+        Torch-Pruning prunes layers and parameters, never buffers. Layers it prunes itself (and hrank's own
+        ChannelPadShortcut and mask buffers) are exempt."""
+        if not self.stack or channels <= 1:
+            return None
+        owner = self.stack[-1]
+        if isinstance(owner, (*_PRUNED_LAYERS, ChannelPadShortcut)):
+            return None
+        for name, buf in owner.named_buffers(recurse=False):
+            if buf is None or buf.dim() == 0 or name.startswith("hrank_"):
+                continue
+            if buf.shape[0] == channels or (buf.dim() >= 2 and buf.shape[1] == channels):  # (C, ...) or (1, C, ...)
+                return f"buffer {name} of {self.names.get(owner, '?')} ({type(owner).__name__})"
+        return None
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -303,6 +339,9 @@ class _ShapeRecorder(TorchFunctionMode):
             name = getattr(func, "__name__", str(func))
             self.seen[grad_fn] = (name, _shapes(list(args)) + _shapes(list((kwargs or {}).values())),
                                   tuple(out.shape))
+            fixed = self._fixed_buffer(out.shape[1]) if out.dim() >= 2 else None
+            if fixed is not None:
+                self.fixed[grad_fn] = fixed
         return out
 
 
@@ -321,6 +360,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     graph = tp.DependencyGraph()
     graph.hrank_opaque = set()
     graph.hrank_remaps = {}  # node -> the torch function's name
+    graph.hrank_fixed = {}  # node -> the fixed per-channel buffer it reads
     recorder = _ShapeRecorder()
     hooks = recorder.watch(model)
     try:
@@ -339,7 +379,12 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
         seen = recorder.seen.get(node.grad_fn) if node.type == tp.ops.OPTYPE.ELEMENTWISE else None
         if seen is not None and _remaps_channels(*seen):
             graph.hrank_remaps[node] = seen[0]
-    graph.hrank_opaque |= _opaque_reshapes(graph) | _opaque_splits(graph) | set(graph.hrank_remaps)
+        elif seen is not None and node.grad_fn in recorder.fixed:
+            graph.hrank_fixed[node] = recorder.fixed[node.grad_fn]
+    graph.hrank_max_indices = max([math.prod(out[1:]) for _, _, out in recorder.seen.values() if len(out) >= 2]
+                                  + [4096])
+    graph.hrank_opaque |= (_opaque_reshapes(graph) | _opaque_splits(graph) | set(graph.hrank_remaps)
+                           | set(graph.hrank_fixed))
     _cut(graph, graph.hrank_opaque)
     return graph
 
@@ -395,11 +440,44 @@ def _module_names(model: nn.Module) -> dict[nn.Module, str]:
     return names
 
 
+# A flatten mapping turns each channel index into ``stride`` indices. Torch-Pruning 1.6.1 maps some reshape
+# cycles (global-context attention's view(N, C, HW) and back; ECA's Conv1d over channels) as flattens applied
+# again and again: 256 indices became 16M and the analysis of one group ran for hours. A real flatten maps at
+# most the elements of one sample of its input, so hrank stops a walk whose indices outgrow the largest
+# activation the trace saw (``graph.hrank_max_indices``; this cap outside such a walk) and the group is not
+# prunable.
+MAX_MAPPED_INDICES = 1 << 22
+_index_limit: ContextVar[int] = ContextVar("hrank_index_limit", default=MAX_MAPPED_INDICES)
+
+
+class _RunawayMapping(Exception):
+    pass
+
+
+def _capped_flatten(call: Callable) -> Callable:
+    def mapped(self: Any, idxs: Any) -> Any:
+        limit = _index_limit.get()
+        if not self.reverse and len(idxs) * self._stride > limit:
+            raise _RunawayMapping(f"Torch-Pruning's index mapping grew past {limit:,} channel indices, more than "
+                                  f"any activation holds, at a reshape it maps as a flatten (a reshape cycle, e.g. "
+                                  f"global-context or ECA attention)")
+        return call(self, idxs)
+    mapped.hrank_guarded = True
+    return mapped
+
+
+if not getattr(tp_index_mapping._FlattenIndexMapping.__call__, "hrank_guarded", False):
+    tp_index_mapping._FlattenIndexMapping.__call__ = _capped_flatten(tp_index_mapping._FlattenIndexMapping.__call__)
+
+
 def _group_of(graph: tp.DependencyGraph, conv: nn.Module, idxs: Sequence[int]):
+    token = _index_limit.set(getattr(graph, "hrank_max_indices", MAX_MAPPED_INDICES))
     try:
         return graph.get_pruning_group(conv, tp.prune_conv_out_channels, list(idxs))
     except Exception as e:
         raise HRankError(f"dependency analysis failed ({_error_line(e)})") from None
+    finally:
+        _index_limit.reset(token)
 
 
 def _node_label(node: Any, names: dict[nn.Module, str]) -> str:
@@ -444,6 +522,7 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
     blocks = 1
     opaque = getattr(graph, "hrank_opaque", set())
     remaps = getattr(graph, "hrank_remaps", {})
+    fixed = getattr(graph, "hrank_fixed", {})
     for item in group:
         target, handler = item.dep.target, item.dep.handler
         module = target.module
@@ -453,6 +532,10 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
         elif remaps.get(target) == "pad":
             reasons.append("its channels are padded (F.pad on the channel dimension, e.g. an option-A shortcut "
                            "written as a lambda), which pruning cannot rewrite: use hrank.models.ChannelPadShortcut")
+        elif target in fixed:
+            reasons.append(f"its channels meet the {fixed[target]} in {_node_label(target, names)}, a fixed "
+                           f"per-channel tensor that pruning cannot shrink (e.g. an anti-aliasing BlurPool with a "
+                           f"set channel count, or a FrozenBatchNorm2d: convert it to BatchNorm2d first)")
         elif target in remaps:
             reasons.append(f"its channels pass {_node_label(target, names)}, an op that changes their number or "
                            f"mixes them with another dimension (e.g. a pixel shuffle or a matrix product), "

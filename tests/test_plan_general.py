@@ -381,3 +381,172 @@ def test_a_slice_that_keeps_every_channel_does_not_block_pruning():
     pruned = apply_plan(copy.deepcopy(net), make_plan(net, scores, Spec.from_mapping(net, {"a": 0.5}),
                                                       example_input=x), example_input=x)
     assert pruned.a.out_channels == pruned.b.in_channels == pruned.c.in_channels == 4
+
+
+class _Blur(nn.Module):
+    """An anti-aliasing blur as timm's BlurPool2d writes it: a depthwise F.conv2d with a filter buffer, sized
+    for a set channel count (``channels``) or expanded to the input's (``None``)."""
+
+    def __init__(self, channels: int | None) -> None:
+        super().__init__()
+        self.channels = channels
+        filt = torch.tensor([1.0, 2.0, 1.0])
+        filt = (filt[:, None] * filt[None, :] / 16)[None, None]
+        self.register_buffer("filt", filt.repeat(channels or 1, 1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, [1, 1, 1, 1], mode="reflect")
+        channels = self.channels or x.shape[1]
+        weight = self.filt if self.channels else self.filt.expand(channels, 1, 3, 3)
+        return F.conv2d(x, weight, stride=2, groups=channels)
+
+
+class _FrozenBN(nn.Module):
+    """BatchNorm with its affine and statistics as buffers (torchvision's FrozenBatchNorm2d)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        for name, value in (("weight", 1.0), ("bias", 0.1), ("running_mean", 0.2), ("running_var", 1.5)):
+            self.register_buffer(name, torch.full((n,), value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        return x * scale.reshape(1, -1, 1, 1) + (self.bias - self.running_mean * scale).reshape(1, -1, 1, 1)
+
+
+class _BufferNet(nn.Module):
+    """a -> blur -> b -> frozen BN -> c: the buffers of the middle module decide which groups can shrink."""
+
+    def __init__(self, blur_channels: int | None) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.blur = _Blur(blur_channels)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.frozen = _FrozenBN(8)
+        self.c = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.blur(torch.relu(self.a(x)))
+        y = torch.relu(self.frozen(self.b(y)))
+        return self.fc(torch.relu(self.c(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("blur_channels", [8, None])
+def test_channels_that_meet_a_fixed_per_channel_buffer_are_not_pruned(blur_channels):
+    # Torch-Pruning shrinks layers and parameters, never buffers: a blur filter sized for 8 channels, or a frozen
+    # BN's statistics, would no longer fit (before: the whole prune failed its forward check). A filter expanded
+    # to the input's channels fits any width, so that group is pruned.
+    torch.manual_seed(0)
+    net = _BufferNet(blur_channels).eval()
+    x = torch.randn(2, 3, 16, 16)
+    groups = {g.members[0]: g for g in find_groups(net, x)}
+    assert not groups["b"].prunable and "buffer weight of frozen (_FrozenBN)" in groups["b"].reason
+    assert "convert it to BatchNorm2d" in groups["b"].reason
+    assert groups["c"].prunable
+    assert groups["a"].prunable == (blur_channels is None)
+    if blur_channels:
+        assert "buffer filt of blur (_Blur)" in groups["a"].reason
+    scores = {n: np.arange(m.out_channels, dtype=float) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    plan = make_plan(net, scores, Spec.from_mapping(net, {"*": 0.5}), example_input=x)
+    assert sorted(s["conv"] for s in plan.skipped) == (["a", "b"] if blur_channels else ["b"])
+    pruned = apply_plan(copy.deepcopy(net), plan, example_input=x)  # the physical == mask invariant is checked inside
+    assert pruned.a.out_channels == (8 if blur_channels else 4) and pruned.c.out_channels == 2
+    assert pruned(x).shape == (2, 3)
+
+
+class _GainConv(nn.Conv2d):
+    """A conv subclass with a learned per-filter ``gain`` (a parameter of the conv besides weight and bias, as
+    NF-ResNet's ScaledStdConv2d has) and a per-filter ``scale`` buffer."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.register_buffer("scale", torch.rand(self.out_channels) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight * self.gain, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return y * self.scale.reshape(1, -1, 1, 1)
+
+
+class _NFish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = _GainConv(3, 16, 3, padding=1)
+        self.dw = _GainConv(16, 16, 3, padding=1, groups=16)
+        self.b = _GainConv(16, 8, 1, bias=False)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.dw(torch.relu(self.a(x))))
+        return self.fc(torch.relu(self.b(y)).mean((2, 3)))
+
+
+def test_a_conv_subclass_keeps_the_gain_of_each_kept_filter():
+    # Torch-Pruning slices a conv's weight and bias only; the pruned a had 8 filters and 16 gains, and the whole
+    # prune failed its forward check. The gains and scales of the kept filters must travel with them.
+    from hrank.budget import find_budget
+
+    torch.manual_seed(0)
+    model = _NFish().eval()
+    x = torch.randn(2, 3, 12, 12)
+    scores = {n: np.arange(m.out_channels, dtype=float) for n, m in model.named_modules() if is_conv(m)}
+    plan = make_plan(model, scores, Spec.from_mapping(model, {"*": 0.5}), example_input=x)
+    pruned = apply_plan(copy.deepcopy(model), plan, example_input=x)  # physical == mask is checked inside
+    kept = {g.members[0]: g.kept for g in plan.groups}
+    assert pruned.a.out_channels == pruned.dw.out_channels == 8 and pruned.b.out_channels == 4
+    assert torch.equal(pruned.a.gain, model.a.gain[kept["a"]])
+    assert torch.equal(pruned.dw.scale, model.dw.scale[kept["a"]])
+    assert torch.equal(pruned.b.gain, model.b.gain[kept["b"]])
+    # the budget counts the gains: its params are the pruned network's, exactly
+    result = find_budget(model, scores, target=0.6, metric="params", example_input=x, round_to=1, tolerance=0.1)
+    real = apply_plan(copy.deepcopy(model), make_plan(model, scores, result.spec, example_input=x), example_input=x)
+    assert result.params == sum(p.numel() for p in real.parameters())
+
+
+class _GlobalContext(nn.Module):
+    """GCNet's context block: a spatial softmax over a 1x1 conv pools the map into one context vector per image,
+    which a 1x1 conv adds back. Torch-Pruning maps its reshapes as flattens over and over (a walk of 16 channel
+    indices grew by 256x per step: 13 s for this toy, hours for timm's gcresnet33ts)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.attn = nn.Conv2d(c, 1, 1)
+        self.mlp = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        a = self.attn(x).reshape(b, 1, h * w).softmax(-1).unsqueeze(-1)
+        ctx = (x.reshape(b, c, h * w).unsqueeze(1) @ a).reshape(b, c, 1, 1)
+        return x + self.mlp(ctx)
+
+
+class _GCNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.gc = _GlobalContext(16)
+        self.b = nn.Conv2d(16, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.b(self.gc(torch.relu(self.a(x)))))
+        return self.fc(y.flatten(1))
+
+
+def test_a_runaway_index_mapping_stops_at_the_largest_activation_and_a_real_flatten_does_not():
+    from hrank.plan import build_dependency_graph
+
+    torch.manual_seed(0)
+    net = _GCNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    graph = build_dependency_graph(net, x)
+    assert graph.hrank_max_indices == 16 * 16 * 16  # the largest activation of one image: a's output
+    groups = {g.members[0]: g for g in find_groups(net, x, graph=graph)}
+    attn = groups["gc.attn"]
+    assert not attn.prunable and "index mapping grew past 4,096 channel indices" in attn.reason
+    # b's channels reach the classifier through a real flatten (8 x 8 x 8 = 512 indices): mapped, and pruned
+    assert groups["b"].prunable
+    plan = make_plan(net, {"b": np.arange(8.0)}, Spec.from_mapping(net, {"b": 0.5}), example_input=x)
+    pruned = apply_plan(copy.deepcopy(net), plan, example_input=x)
+    assert pruned.b.out_channels == 4 and pruned.fc.in_features == 4 * 8 * 8
