@@ -23,7 +23,7 @@ from torch import nn
 
 from hrank import flops, models
 from hrank.errors import HRankError
-from hrank.layers import is_depthwise
+from hrank.layers import is_depthwise, per_filter_extras
 from hrank.modelcopy import copy_model
 from hrank.plan import Group, build_dependency_graph, find_groups, make_plan
 from hrank.prune import apply_plan
@@ -136,7 +136,7 @@ class _CostModel:
                  input_size: tuple[int, ...]) -> None:
         base = flops.count(model, input_size)
         modules = dict(model.named_modules())
-        self.layers = []  # (module, cin, cout, per_io_macs, per_io_params, bias, depthwise)
+        self.layers = []  # [cin, cout, per_io_macs, per_io_params, per_out_params, depthwise, groups]
         index = {}
         for layer in base.layers:
             m = modules[layer.name]
@@ -144,11 +144,12 @@ class _CostModel:
                 kk = m.kernel_size[0] * m.kernel_size[1]
                 per_macs = layer.macs // (m.in_channels // m.groups * m.out_channels)  # kernel x positions
                 depthwise = is_depthwise(m)
-                self.layers.append([m.in_channels, m.out_channels, per_macs, kk, m.bias is not None,
-                                    depthwise, m.groups])
+                per_out = int(m.bias is not None) + sum(t.numel() // m.out_channels for t in
+                                                        per_filter_extras(m).values() if isinstance(t, nn.Parameter))
+                self.layers.append([m.in_channels, m.out_channels, per_macs, kk, per_out, depthwise, m.groups])
             else:
                 positions = layer.macs // (m.in_features * m.out_features)
-                self.layers.append([m.in_features, m.out_features, positions, 1, m.bias is not None, False, 1])
+                self.layers.append([m.in_features, m.out_features, positions, 1, int(m.bias is not None), False, 1])
             index[m] = len(self.layers) - 1
         counted = sum(sum(p.numel() for p in modules[layer.name].parameters(recurse=False)) for layer in base.layers)
         self.other_params = base.params - counted
@@ -182,11 +183,11 @@ class _CostModel:
     def __call__(self, counts: Sequence[int]) -> tuple[int, int]:
         macs = 0
         params = self.other_params
-        for (cin, _, per_macs, per_params, bias, depthwise, groups), (width_in, out) in zip(
+        for (cin, _, per_macs, per_params, per_out, depthwise, groups), (width_in, out) in zip(
                 self.layers, self.widths(counts), strict=True):
             inp = cin // groups if depthwise else width_in // groups  # inputs each filter reads
             macs += inp * out * per_macs
-            params += inp * out * per_params + (out if bias else 0)
+            params += inp * out * per_params + out * per_out  # bias and per-filter extras (a conv's gain)
         return macs, params
 
 

@@ -5,9 +5,10 @@ One definition shared by specs, plans, pruning and ranks, so that a new layer ty
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-__all__ = ["CONV_TYPES", "is_conv", "conv_names", "is_grouped", "is_depthwise"]
+__all__ = ["CONV_TYPES", "is_conv", "conv_names", "is_grouped", "is_depthwise", "per_filter_extras"]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.ConvTranspose2d)
 
@@ -30,3 +31,16 @@ def is_depthwise(m: nn.Module) -> bool:
 def is_grouped(m: nn.Module) -> bool:
     """A grouped conv that is not depthwise: channels come in ``groups`` blocks that must stay equal."""
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not is_depthwise(m)
+
+
+def per_filter_extras(m: nn.Module, width: int | None = None) -> dict[str, torch.Tensor]:
+    """A conv subclass's own tensors besides ``weight`` and ``bias`` with one entry per output filter (first
+    dimension ``out_channels``), such as NF-ResNet's ``ScaledStdConv2d.gain``. Torch-Pruning slices only the
+    weight and bias of a conv, so hrank slices these with them (and counts them in budgets). ``width``: the
+    filter count to look for (default ``out_channels``; the count before a prune changed it)."""
+    if not isinstance(m, nn.modules.conv._ConvNd):
+        return {}
+    width = m.out_channels if width is None else width
+    tensors = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+    return {name: t for name, t in tensors if name not in ("weight", "bias") and not name.startswith("hrank_")
+            and t is not None and t.dim() >= 1 and t.shape[0] == width}

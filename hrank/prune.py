@@ -30,7 +30,7 @@ from torch import nn
 from hrank import flops, models
 from hrank.errors import HRankError
 from hrank.io import _error_line
-from hrank.layers import is_conv, is_grouped
+from hrank.layers import is_conv, is_grouped, per_filter_extras
 from hrank.modelcopy import copy_model
 from hrank.models.base import ChannelPadShortcut
 from hrank.plan import Plan, PlanGroup, _called, _in_training, build_dependency_graph, find_groups
@@ -174,6 +174,17 @@ def _verify_groups(model: nn.Module, plan: Plan, graph: tp.DependencyGraph) -> N
                              f"{g.blocks} (plan for another model?)")
 
 
+def _slice_extras(conv: nn.Module, width: int, keep: list[int]) -> None:
+    """Keep the ``keep`` filters' entries of a conv subclass's per-filter tensors (``width`` before pruning)."""
+    index = torch.tensor(keep, dtype=torch.long)
+    for name, t in per_filter_extras(conv, width).items():
+        kept = t.detach().index_select(0, index.to(t.device)).clone()
+        if isinstance(t, nn.Parameter):
+            setattr(conv, name, nn.Parameter(kept, requires_grad=t.requires_grad))
+        else:
+            conv._buffers[name] = kept
+
+
 def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: dict[str, nn.Module]) -> None:
     _verify_groups(model, plan, graph)
     present = {name: list(range(conv.out_channels)) for name, conv in convs.items()}
@@ -188,11 +199,15 @@ def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, con
             # when the same group removes its outputs too (a residual stream it reads and writes)
             grouped_inputs: list[tuple[nn.Module, torch.Tensor, list[int]]] = []
             grouped_outputs: dict[nn.Module, list[int]] = {}
+            extras: dict[nn.Module, tuple[int, set[int]]] = {}  # conv -> (its width now, filters it loses)
             for item in group:
                 module = item.dep.target.module
+                out_side = graph.is_out_channel_pruning_fn(item.dep.handler)
+                if out_side and per_filter_extras(module):
+                    extras.setdefault(module, (module.out_channels, set()))[1].update(int(i) for i in item.idxs)
                 if not is_grouped(module):
                     continue
-                if graph.is_out_channel_pruning_fn(item.dep.handler):
+                if out_side:
                     grouped_outputs.setdefault(module, []).extend(int(i) for i in item.idxs)
                 else:
                     grouped_inputs.append((module, module.weight, list(item.idxs)))
@@ -200,6 +215,8 @@ def _apply_physical(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, con
             for conv, weight, drop in grouped_inputs:
                 conv.weight = nn.Parameter(_grouped_in_weight(weight, conv.groups, drop, grouped_outputs.get(conv, ())),
                                            requires_grad=weight.requires_grad)
+            for conv, (width, drop) in extras.items():
+                _slice_extras(conv, width, [i for i in range(width) if i not in drop])
         except HRankError:
             raise
         except Exception as e:
