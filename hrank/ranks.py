@@ -803,18 +803,25 @@ class _Group:
 def _check_input(model: nn.Module, shape: Sequence[int], x: torch.Tensor | None = None) -> None:
     """One-line errors for images that cannot fit the model (channels; registry input size).
 
-    A first conv that reads other than the images' channels is only an error when the model fails on ``x``:
-    stems such as TResNet's space-to-depth (3 -> 48 channels) rearrange the image before the first conv."""
+    A first conv that reads other than the images' channels is only an error when the model fails on ``x`` (one
+    image; zeros of ``shape`` when not given): stems such as TResNet's space-to-depth (3 -> 48 channels)
+    rearrange the image before the first conv."""
     if len(shape) != 4:
         raise HRankError(f"images must be (N, C, H, W), got shape {tuple(shape)}")
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is not None and shape[1] != first.in_channels and x is not None:
+    if first is not None and shape[1] != first.in_channels:
+        x = torch.zeros((1, *shape[1:]), device=_model_device(model)) if x is None else x[:1]
+        modes = {m: m.training for m in model.modules()}
         try:
+            model.eval()
             with torch.no_grad():
-                model(x[:1])
+                model(x)
         except Exception:  # the model cannot take these images: say why in the terms of the likely cause
             raise HRankError(f"images have {shape[1]} channels, the model's first conv expects "
                              f"{first.in_channels}") from None
+        finally:
+            for m, training in modes.items():
+                m.training = training
     arch = getattr(model, "hrank_arch", None)
     if arch in models.names():
         spec = models.get_spec(arch)
