@@ -87,6 +87,47 @@ class ShortcutPruner(tp.pruner.BasePruningFunc):
         return layer.in_channels
 
 
+_FROZEN_NORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_frozen_norm(m: nn.Module) -> bool:
+    """A BatchNorm whose affine and statistics are buffers, not parameters (torchvision's and detectron2's
+    ``FrozenBatchNorm2d``): no parameters, no children, and ``weight``/``bias``/``running_mean``/``running_var``
+    buffers of one channel count (any other buffer a scalar)."""
+    if next(m.parameters(recurse=False), None) is not None or next(m.children(), None) is not None:
+        return False
+    buffers = {n: b for n, b in m.named_buffers(recurse=False) if b is not None}
+    if any(n not in buffers for n in _FROZEN_NORM_BUFFERS):
+        return False
+    shapes = {tuple(buffers[n].shape) for n in _FROZEN_NORM_BUFFERS}
+    return (len(shapes) == 1 and len(next(iter(shapes))) == 1
+            and all(b.dim() == 0 for n, b in buffers.items() if n not in _FROZEN_NORM_BUFFERS))
+
+
+class FrozenNormPruner(tp.pruner.BasePruningFunc):
+    """Torch-Pruning pruner for frozen BatchNorms (:func:`is_frozen_norm`): like BatchNorm, its input and
+    output are the same channels; pruning slices its four per-channel buffers (Torch-Pruning never touches
+    buffers, so without it a frozen BN blocked every group it sits on)."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        drop = set(int(i) for i in idxs)
+        width = layer.weight.shape[0]
+        keep = torch.tensor([c for c in range(width) if c not in drop], dtype=torch.long, device=layer.weight.device)
+        for name in _FROZEN_NORM_BUFFERS:
+            layer._buffers[name] = layer._buffers[name].index_select(0, keep).clone()
+        if isinstance(getattr(layer, "num_features", None), int):
+            layer.num_features = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]
+
+
 def default_example_input(model: nn.Module) -> torch.Tensor:
     """A zero batch of one image at the registry's input size (registered models only)."""
     arch = getattr(model, "hrank_arch", None)
@@ -317,13 +358,13 @@ class _ShapeRecorder(TorchFunctionMode):
 
     def _fixed_buffer(self, channels: int) -> str | None:
         """The buffer of the module issuing the op that has a dimension of ``channels``: a fixed per-channel
-        tensor (a BlurPool's filter, a FrozenBatchNorm's statistics) that pruning cannot shrink, since
-        Torch-Pruning prunes layers and parameters, never buffers. Layers it prunes itself (and hrank's own
-        ChannelPadShortcut and mask buffers) are exempt."""
+        tensor (a BlurPool's filter sized for a set channel count) that pruning cannot shrink, since
+        Torch-Pruning prunes layers and parameters, never buffers. Layers it prunes itself (and those hrank
+        gives it pruners for, ChannelPadShortcut and frozen BatchNorms, and hrank's mask buffers) are exempt."""
         if not self.stack or channels <= 1:
             return None
         owner = self.stack[-1]
-        if isinstance(owner, (*_PRUNED_LAYERS, ChannelPadShortcut)):
+        if isinstance(owner, (*_PRUNED_LAYERS, ChannelPadShortcut)) or is_frozen_norm(owner):
             return None
         for name, buf in owner.named_buffers(recurse=False):
             if buf is None or buf.dim() == 0 or name.startswith("hrank_"):
@@ -361,12 +402,14 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     graph.hrank_opaque = set()
     graph.hrank_remaps = {}  # node -> the torch function's name
     graph.hrank_fixed = {}  # node -> the fixed per-channel buffer it reads
+    pruners: dict[type, tp.pruner.BasePruningFunc] = {ChannelPadShortcut: ShortcutPruner()}
+    pruners.update({type(m): FrozenNormPruner() for m in model.modules() if is_frozen_norm(m)})
     recorder = _ShapeRecorder()
     hooks = recorder.watch(model)
     try:
         with torch.enable_grad(), recorder:
             graph.build_dependency(
-                model, example_inputs=(x,), customized_pruners={ChannelPadShortcut: ShortcutPruner()}, verbose=False)
+                model, example_inputs=(x,), customized_pruners=pruners, verbose=False)
     except HRankError:
         raise
     except Exception as e:
@@ -535,7 +578,7 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
         elif target in fixed:
             reasons.append(f"its channels meet the {fixed[target]} in {_node_label(target, names)}, a fixed "
                            f"per-channel tensor that pruning cannot shrink (e.g. an anti-aliasing BlurPool with a "
-                           f"set channel count, or a FrozenBatchNorm2d: convert it to BatchNorm2d first)")
+                           f"set channel count)")
         elif target in remaps:
             reasons.append(f"its channels pass {_node_label(target, names)}, an op that changes their number or "
                            f"mixes them with another dimension (e.g. a pixel shuffle or a matrix product), "

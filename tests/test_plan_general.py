@@ -406,8 +406,8 @@ class _FrozenBN(nn.Module):
 
     def __init__(self, n: int) -> None:
         super().__init__()
-        for name, value in (("weight", 1.0), ("bias", 0.1), ("running_mean", 0.2), ("running_var", 1.5)):
-            self.register_buffer(name, torch.full((n,), value))
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, torch.rand(n) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight * (self.running_var + 1e-5).rsqrt()
@@ -433,26 +433,30 @@ class _BufferNet(nn.Module):
 
 
 @pytest.mark.parametrize("blur_channels", [8, None])
-def test_channels_that_meet_a_fixed_per_channel_buffer_are_not_pruned(blur_channels):
-    # Torch-Pruning shrinks layers and parameters, never buffers: a blur filter sized for 8 channels, or a frozen
-    # BN's statistics, would no longer fit (before: the whole prune failed its forward check). A filter expanded
-    # to the input's channels fits any width, so that group is pruned.
+def test_channels_that_meet_a_fixed_per_channel_buffer_are_not_pruned_and_frozen_bns_are(blur_channels):
+    # Torch-Pruning shrinks layers and parameters, never buffers: a blur filter sized for 8 channels would no
+    # longer fit (before: the whole prune failed its forward check). A filter expanded to the input's channels
+    # fits any width, so that group is pruned; a frozen BN's four buffers are sliced by hrank's pruner.
     torch.manual_seed(0)
     net = _BufferNet(blur_channels).eval()
     x = torch.randn(2, 3, 16, 16)
     groups = {g.members[0]: g for g in find_groups(net, x)}
-    assert not groups["b"].prunable and "buffer weight of frozen (_FrozenBN)" in groups["b"].reason
-    assert "convert it to BatchNorm2d" in groups["b"].reason
-    assert groups["c"].prunable
+    assert groups["b"].prunable and groups["c"].prunable
     assert groups["a"].prunable == (blur_channels is None)
     if blur_channels:
         assert "buffer filt of blur (_Blur)" in groups["a"].reason
     scores = {n: np.arange(m.out_channels, dtype=float) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
     plan = make_plan(net, scores, Spec.from_mapping(net, {"*": 0.5}), example_input=x)
-    assert sorted(s["conv"] for s in plan.skipped) == (["a", "b"] if blur_channels else ["b"])
-    pruned = apply_plan(copy.deepcopy(net), plan, example_input=x)  # the physical == mask invariant is checked inside
-    assert pruned.a.out_channels == (8 if blur_channels else 4) and pruned.c.out_channels == 2
-    assert pruned(x).shape == (2, 3)
+    assert [s["conv"] for s in plan.skipped] == (["a"] if blur_channels else [])
+    for mode in ("physical", "mask"):  # physical == mask is checked inside the physical apply
+        pruned = apply_plan(copy.deepcopy(net), plan, mode=mode, example_input=x)
+        assert pruned(x).shape == (2, 3)
+    assert pruned.b.out_channels == 8  # mask mode keeps the widths
+    pruned = apply_plan(copy.deepcopy(net), plan, example_input=x)
+    assert pruned.a.out_channels == (8 if blur_channels else 4) and pruned.b.out_channels == 4
+    kept = torch.tensor([g.kept for g in plan.groups if g.members[0] == "b"][0])
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(pruned.frozen, name), getattr(net.frozen, name)[kept])
 
 
 class _GainConv(nn.Conv2d):
