@@ -351,10 +351,10 @@ class _ShapeRecorder(TorchFunctionMode):
                 self.stack.pop()
 
         self.names = {m: n for n, m in model.named_modules()}
-        layers = [m for m in model.modules() if isinstance(m, (*CONV_TYPES, nn.Linear))]
+        hookable = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]  # (no hooks there)
+        layers = [m for m in hookable if isinstance(m, (*CONV_TYPES, nn.Linear))]
         hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-        return hooks + [h for m in model.modules() for h in (m.register_forward_pre_hook(push),
-                                                              m.register_forward_hook(pop))]
+        return hooks + [h for m in hookable for h in (m.register_forward_pre_hook(push), m.register_forward_hook(pop))]
 
     def _fixed_buffer(self, channels: int) -> str | None:
         """The buffer of the module issuing the op that has a dimension of ``channels``: a fixed per-channel

@@ -554,3 +554,24 @@ def test_a_runaway_index_mapping_stops_at_the_largest_activation_and_a_real_flat
     plan = make_plan(net, {"b": np.arange(8.0)}, Spec.from_mapping(net, {"b": 0.5}), example_input=x)
     pruned = apply_plan(copy.deepcopy(net), plan, example_input=x)
     assert pruned.b.out_channels == 4 and pruned.fc.in_features == 4 * 8 * 8
+
+
+def test_a_scripted_submodule_does_not_stop_the_trace():
+    # the trace hooks every module to know which one issues each op; TorchScript modules take no hooks
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3)
+            self.act = torch.jit.script(nn.ReLU())
+            self.b = nn.Conv2d(8, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.b(self.act(self.a(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(1, 3, 16, 16)
+    assert all(g.prunable for g in find_groups(net, x))
+    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x)
+    assert apply_plan(copy.deepcopy(net), plan, example_input=x).a.out_channels == 4
