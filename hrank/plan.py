@@ -588,6 +588,13 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
                            f"(e.g. a channel shuffle)")
         if target.type == tp.ops.OPTYPE.OUTPUT or (not target.outputs and graph.is_out_channel_pruning_fn(handler)):
             reasons.append("its channels are an output of the network")
+        if isinstance(module, nn.Parameter):
+            owner = getattr(graph, "_param_to_name", {}).get(module, "").rpartition(".")[0]
+            scripted = next((n for m, n in names.items() if isinstance(m, torch.jit.ScriptModule)
+                             and (owner == n or owner.startswith(n + "."))), None)
+            if scripted is not None:
+                reasons.append(f"its channels reach TorchScript module {scripted}, whose ops hrank cannot see "
+                               f"(prune the Python module, then script it)")
         if not isinstance(module, nn.Module):
             continue
         name = names.get(module, "?")

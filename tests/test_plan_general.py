@@ -575,3 +575,28 @@ def test_a_scripted_submodule_does_not_stop_the_trace():
     assert all(g.prunable for g in find_groups(net, x))
     plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x)
     assert apply_plan(copy.deepcopy(net), plan, example_input=x).a.out_channels == 4
+
+
+def test_channels_that_reach_a_scripted_layer_are_not_pruned():
+    # Torch-Pruning sees a scripted conv's ops as element-wise and its weight as loose parameters: pruning
+    # through it would cut its weight along the wrong dimension. Such groups are reported; the rest prunes.
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3)
+            self.s = torch.jit.script(nn.Conv2d(8, 8, 3))
+            self.b = nn.Conv2d(8, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.b(torch.relu(self.s(torch.relu(self.a(x)))))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(1, 3, 16, 16)
+    groups = {g.members[0]: g for g in find_groups(net, x)}
+    assert not groups["a"].prunable and "TorchScript module s" in groups["a"].reason
+    assert groups["b"].prunable
+    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x)
+    assert [s["conv"] for s in plan.skipped] == ["a"]
+    assert apply_plan(copy.deepcopy(net), plan, example_input=x).b.out_channels == 2
