@@ -316,6 +316,8 @@ def _shapes(value: Any) -> list[tuple[int, ...]]:
     return []
 
 
+_FUNCTIONAL_LAYERS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+                      "linear", "bilinear")
 # Layers whose buffers Torch-Pruning prunes with the layer (BatchNorm's statistics) or that own none per channel.
 _PRUNED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
                   nn.PReLU, nn.Embedding)
@@ -370,7 +372,9 @@ class _ShapeRecorder(TorchFunctionMode):
             if buf is None or buf.dim() == 0 or name.startswith("hrank_"):
                 continue
             if buf.shape[0] == channels or (buf.dim() >= 2 and buf.shape[1] == channels):  # (C, ...) or (1, C, ...)
-                return f"buffer {name} of {self.names.get(owner, '?')} ({type(owner).__name__})"
+                return (f"the buffer {name} of {self.names.get(owner, '?')} ({type(owner).__name__}), a fixed "
+                        f"per-channel tensor that pruning cannot shrink (e.g. an anti-aliasing BlurPool with a set "
+                        f"channel count)")
         return None
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -381,9 +385,23 @@ class _ShapeRecorder(TorchFunctionMode):
             self.seen[grad_fn] = (name, _shapes(list(args)) + _shapes(list((kwargs or {}).values())),
                                   tuple(out.shape))
             fixed = self._fixed_buffer(out.shape[1]) if out.dim() >= 2 else None
+            if fixed is None and name in _FUNCTIONAL_LAYERS:
+                fixed = self._loose_weight(name, [*args, *(kwargs or {}).values()])
             if fixed is not None:
                 self.fixed[grad_fn] = fixed
         return out
+
+    def _loose_weight(self, op: str, args: Sequence[Any]) -> str | None:
+        """A functional conv or linear outside a layer's forward whose weight is a parameter (``F.conv2d(x,
+        self.weight)`` in a custom module): Torch-Pruning takes the op for an element-wise one and would cut the
+        weight along its last dimension."""
+        weight = next((a for a in args if isinstance(a, nn.Parameter) and a.dim() >= 2), None)
+        if weight is None:
+            return None
+        owner = self.stack[-1] if self.stack else None
+        where = f" of {self.names.get(owner, '?')} ({type(owner).__name__})" if owner is not None else ""
+        return (f"the parameter weight{where} of a functional {op} outside a conv or linear layer, which "
+                f"Torch-Pruning cannot map (use an nn.Conv2d or nn.Linear)")
 
 
 def _remaps_channels(name: str, inputs: Sequence[tuple[int, ...]], out: tuple[int, ...]) -> bool:
@@ -576,9 +594,7 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
             reasons.append("its channels are padded (F.pad on the channel dimension, e.g. an option-A shortcut "
                            "written as a lambda), which pruning cannot rewrite: use hrank.models.ChannelPadShortcut")
         elif target in fixed:
-            reasons.append(f"its channels meet the {fixed[target]} in {_node_label(target, names)}, a fixed "
-                           f"per-channel tensor that pruning cannot shrink (e.g. an anti-aliasing BlurPool with a "
-                           f"set channel count)")
+            reasons.append(f"its channels meet {fixed[target]} (in {_node_label(target, names)})")
         elif target in remaps:
             reasons.append(f"its channels pass {_node_label(target, names)}, an op that changes their number or "
                            f"mixes them with another dimension (e.g. a pixel shuffle or a matrix product), "
@@ -589,6 +605,12 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
         if target.type == tp.ops.OPTYPE.OUTPUT or (not target.outputs and graph.is_out_channel_pruning_fn(handler)):
             reasons.append("its channels are an output of the network")
         if isinstance(module, nn.Parameter):
+            dim = getattr(target, "pruning_dim", -1)
+            if module.dim() == 0 or any(int(i) >= module.shape[dim] for i in item.idxs):
+                pname = getattr(graph, "_param_to_name", {}).get(module, "?")
+                reasons.append(f"its channels reach parameter {pname} {tuple(module.shape)}, whose dimension "
+                               f"Torch-Pruning would cut does not hold them (a loose parameter used by a "
+                               f"functional op)")
             owner = getattr(graph, "_param_to_name", {}).get(module, "").rpartition(".")[0]
             scripted = next((n for m, n in names.items() if isinstance(m, torch.jit.ScriptModule)
                              and (owner == n or owner.startswith(n + "."))), None)

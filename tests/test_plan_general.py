@@ -600,3 +600,38 @@ def test_channels_that_reach_a_scripted_layer_are_not_pruned():
     plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x)
     assert [s["conv"] for s in plan.skipped] == ["a"]
     assert apply_plan(copy.deepcopy(net), plan, example_input=x).b.out_channels == 2
+
+
+class _FunctionalConv(nn.Module):
+    """A conv written as ``F.conv2d(x, self.weight)`` in a plain module: Torch-Pruning sees an element-wise op
+    and a loose (8, 8, 3, 3) parameter it would cut along its last dimension (an IndexError used to escape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, padding=1)
+
+
+def test_channels_through_a_functional_conv_on_a_loose_parameter_are_not_pruned():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3)
+            self.f = _FunctionalConv()
+            self.b = nn.Conv2d(8, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.b(torch.relu(self.f(torch.relu(self.a(x)))))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(1, 3, 16, 16)
+    groups = {g.members[0]: g for g in find_groups(net, x)}
+    assert not groups["a"].prunable and "parameter weight of f (_FunctionalConv)" in groups["a"].reason
+    assert "functional conv2d" in groups["a"].reason and groups["b"].prunable
+    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x)
+    assert [s["conv"] for s in plan.skipped] == ["a"]
+    assert apply_plan(copy.deepcopy(net), plan, example_input=x).b.out_channels == 2
