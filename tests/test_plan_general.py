@@ -556,52 +556,6 @@ def test_a_runaway_index_mapping_stops_at_the_largest_activation_and_a_real_flat
     assert pruned.b.out_channels == 4 and pruned.fc.in_features == 4 * 8 * 8
 
 
-def test_a_scripted_submodule_does_not_stop_the_trace():
-    # the trace hooks every module to know which one issues each op; TorchScript modules take no hooks
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 3)
-            self.act = torch.jit.script(nn.ReLU())
-            self.b = nn.Conv2d(8, 4, 3)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.b(self.act(self.a(x))).mean((2, 3)))
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    x = torch.randn(1, 3, 16, 16)
-    assert all(g.prunable for g in find_groups(net, x))
-    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x)
-    assert apply_plan(copy.deepcopy(net), plan, example_input=x).a.out_channels == 4
-
-
-def test_channels_that_reach_a_scripted_layer_are_not_pruned():
-    # Torch-Pruning sees a scripted conv's ops as element-wise and its weight as loose parameters: pruning
-    # through it would cut its weight along the wrong dimension. Such groups are reported; the rest prunes.
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 3)
-            self.s = torch.jit.script(nn.Conv2d(8, 8, 3))
-            self.b = nn.Conv2d(8, 4, 3)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(torch.relu(self.b(torch.relu(self.s(torch.relu(self.a(x)))))).mean((2, 3)))
-
-    torch.manual_seed(0)
-    net = Net().eval()
-    x = torch.randn(1, 3, 16, 16)
-    groups = {g.members[0]: g for g in find_groups(net, x)}
-    assert not groups["a"].prunable and "TorchScript module s" in groups["a"].reason
-    assert groups["b"].prunable
-    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x)
-    assert [s["conv"] for s in plan.skipped] == ["a"]
-    assert apply_plan(copy.deepcopy(net), plan, example_input=x).b.out_channels == 2
-
-
 class _FunctionalConv(nn.Module):
     """A conv written as ``F.conv2d(x, self.weight)`` in a plain module: Torch-Pruning sees an element-wise op
     and a loose (8, 8, 3, 3) parameter it would cut along its last dimension (an IndexError used to escape)."""
@@ -614,24 +568,39 @@ class _FunctionalConv(nn.Module):
         return F.conv2d(x, self.weight, padding=1)
 
 
-def test_channels_through_a_functional_conv_on_a_loose_parameter_are_not_pruned():
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Conv2d(3, 8, 3)
-            self.f = _FunctionalConv()
-            self.b = nn.Conv2d(8, 4, 3)
-            self.fc = nn.Linear(4, 2)
+class _Sandwich(nn.Module):
+    """a -> ReLU -> ``middle`` -> ReLU -> b -> pooled linear: what ``middle`` is decides whether a can shrink."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(torch.relu(self.b(torch.relu(self.f(torch.relu(self.a(x)))))).mean((2, 3)))
+    def __init__(self, middle: nn.Module) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.middle = middle
+        self.b = nn.Conv2d(8, 4, 3)
+        self.fc = nn.Linear(4, 2)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.b(torch.relu(self.middle(torch.relu(self.a(x)))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("middle, reason", [
+    # the trace hooks every module to know which one issues each op; TorchScript modules take no hooks
+    ("scripted relu", None),
+    # Torch-Pruning takes a scripted conv for an element-wise op and its weight for loose parameters
+    ("scripted conv", "TorchScript module middle"),
+    ("functional conv", "parameter weight of middle (_FunctionalConv) of a functional conv2d"),
+])
+def test_what_sits_between_two_convs_decides_whether_the_first_is_pruned(middle, reason):
     torch.manual_seed(0)
-    net = Net().eval()
+    module = {"scripted relu": lambda: torch.jit.script(nn.ReLU()),
+              "scripted conv": lambda: torch.jit.script(nn.Conv2d(8, 8, 3, padding=1)),
+              "functional conv": _FunctionalConv}[middle]()
+    net = _Sandwich(module).eval()
     x = torch.randn(1, 3, 16, 16)
     groups = {g.members[0]: g for g in find_groups(net, x)}
-    assert not groups["a"].prunable and "parameter weight of f (_FunctionalConv)" in groups["a"].reason
-    assert "functional conv2d" in groups["a"].reason and groups["b"].prunable
+    assert groups["a"].prunable == (reason is None) and groups["b"].prunable
+    if reason:
+        assert reason in groups["a"].reason
     plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x)
-    assert [s["conv"] for s in plan.skipped] == ["a"]
-    assert apply_plan(copy.deepcopy(net), plan, example_input=x).b.out_channels == 2
+    assert [s["conv"] for s in plan.skipped] == ([] if reason is None else ["a"])
+    pruned = apply_plan(copy.deepcopy(net), plan, example_input=x)  # physical == mask is checked inside
+    assert (pruned.a.out_channels, pruned.b.out_channels) == (8 if reason else 4, 2)
