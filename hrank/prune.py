@@ -104,6 +104,11 @@ def _output_shape(model: nn.Module, x: torch.Tensor) -> tuple[tuple[int, ...], .
         return tuple(tuple(t.shape) for t in _outputs(model(x)))
 
 
+class _ForwardFailure(HRankError):
+    """The pruned model could not run (a channel count the trace cannot see, e.g. read from another tensor's
+    shape); :func:`apply_plan` adds the group that breaks it."""
+
+
 def _forward_check(model: nn.Module, plan: Plan, x: torch.Tensor, expected_out: tuple) -> None:
     """Run the pruned model once; every planned conv must produce exactly its planned width."""
     modules = dict(model.named_modules())
@@ -114,7 +119,7 @@ def _forward_check(model: nn.Module, plan: Plan, x: torch.Tensor, expected_out: 
     try:
         shape = _output_shape(model, x)
     except Exception as e:
-        raise HRankError(f"the pruned model fails its forward check ({_error_line(e)})") from None
+        raise _ForwardFailure(f"the pruned model fails its forward check ({_error_line(e)})") from None
     finally:
         for h in hooks:
             h.remove()
@@ -573,6 +578,10 @@ def apply_plan(model: nn.Module, plan: Plan, *, mode: str = "physical",
     x = _example_input(model, plan, example_input)
     try:
         _apply(model, plan, mode, x, convs, check)
+    except _ForwardFailure as e:
+        bad = _culprit(model, plan, x)
+        where = f"; the first group that breaks it: {bad.members[0]} (ignore it to go on)" if bad is not None else ""
+        raise HRankError(f"{e}{where}") from None
     except _Mismatch as e:
         bad = _culprit(model, plan, x)
         where = f"; the first group that breaks it: {bad.members[0]}" if bad is not None else ""

@@ -604,3 +604,42 @@ def test_what_sits_between_two_convs_decides_whether_the_first_is_pruned(middle,
     assert [s["conv"] for s in plan.skipped] == ([] if reason is None else ["a"])
     pruned = apply_plan(copy.deepcopy(net), plan, example_input=x)  # physical == mask is checked inside
     assert (pruned.a.out_channels, pruned.b.out_channels) == (8 if reason else 4, 2)
+
+
+class _Tied(nn.Module):
+    """A layer whose output takes its channel count from its input's shape (timm's lambda layer does this):
+    a coupling of two groups that no trace sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return self.conv(x).reshape(b, c, h, w)
+
+
+def test_a_pruned_model_that_cannot_run_names_the_group_that_breaks_it():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.tied = _Tied()
+            self.b = nn.Conv2d(8, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.b(torch.relu(self.tied(torch.relu(self.a(x))))))
+            return self.fc(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    before = copy.deepcopy(net.state_dict())
+    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"a": 0.5, "b": 0.5}), example_input=x)
+    with pytest.raises(HRankError, match=r"fails its forward check .*the first group that breaks it: a \(ignore"):
+        apply_plan(net, plan, example_input=x)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # all or nothing
+    # ignoring that group, the rest prunes
+    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"b": 0.5}), example_input=x)
+    assert apply_plan(net, plan, example_input=x).b.out_channels == 2
