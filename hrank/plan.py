@@ -334,7 +334,7 @@ class _ShapeRecorder(TorchFunctionMode):
         self.inside = 0  # > 0 inside a layer's forward: its ops are the layer's own (a conv subclass may scale
         # its weight and call F.conv2d, which changes the channel count, as the layer does)
         self.stack: list[nn.Module] = []  # the modules whose forward is running, innermost last
-        self.fixed: dict[Any, str] = {}  # grad_fn -> "buffer NAME of MODULE (TYPE)" sized by its channels
+        self.fixed: dict[Any, str] = {}  # grad_fn -> what it reads that pruning cannot shrink (a phrase)
 
     def watch(self, model: nn.Module) -> list[Any]:
         """Hooks that tell the recorder when a conv or linear layer's own forward runs, and which module's
@@ -419,7 +419,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     graph = tp.DependencyGraph()
     graph.hrank_opaque = set()
     graph.hrank_remaps = {}  # node -> the torch function's name
-    graph.hrank_fixed = {}  # node -> the fixed per-channel buffer it reads
+    graph.hrank_fixed = {}  # node -> what it reads that pruning cannot shrink (a buffer, a loose conv weight)
     pruners: dict[type, tp.pruner.BasePruningFunc] = {ChannelPadShortcut: ShortcutPruner()}
     pruners.update({type(m): FrozenNormPruner() for m in model.modules() if is_frozen_norm(m)})
     recorder = _ShapeRecorder()
