@@ -8,9 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["CONV_TYPES", "is_conv", "conv_names", "is_grouped", "is_depthwise", "per_filter_extras"]
+__all__ = ["CONV_TYPES", "HRANK_TENSOR_PREFIX", "is_conv", "conv_names", "is_grouped", "is_depthwise",
+           "per_filter_extras"]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.ConvTranspose2d)
+# Names of the buffers hrank itself registers on a model's modules (mask mode): never the model's own tensors.
+HRANK_TENSOR_PREFIX = "hrank_"
 
 
 def is_conv(m: object) -> bool:
@@ -42,5 +45,5 @@ def per_filter_extras(m: nn.Module, width: int | None = None) -> dict[str, torch
         return {}
     width = m.out_channels if width is None else width
     tensors = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
-    return {name: t for name, t in tensors if name not in ("weight", "bias") and not name.startswith("hrank_")
-            and t is not None and t.dim() >= 1 and t.shape[0] == width}
+    return {name: t for name, t in tensors if name not in ("weight", "bias")
+            and not name.startswith(HRANK_TENSOR_PREFIX) and t is not None and t.dim() >= 1 and t.shape[0] == width}

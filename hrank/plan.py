@@ -39,7 +39,7 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 from hrank import __version__, models
 from hrank.errors import HRankError
 from hrank.io import _error_line, atomic_write_json
-from hrank.layers import CONV_TYPES, conv_names, is_conv, is_grouped
+from hrank.layers import CONV_TYPES, HRANK_TENSOR_PREFIX, conv_names, is_conv, is_grouped
 from hrank.models.base import ChannelPadShortcut
 from hrank.spec import Spec, num_pruned
 
@@ -353,6 +353,7 @@ class _ShapeRecorder(TorchFunctionMode):
                 self.stack.pop()
 
         self.names = {m: n for n, m in model.named_modules()}
+        self.frozen = {m for m in model.modules() if is_frozen_norm(m)}
         hookable = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]  # (no hooks there)
         layers = [m for m in hookable if isinstance(m, (*CONV_TYPES, nn.Linear))]
         hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
@@ -366,10 +367,10 @@ class _ShapeRecorder(TorchFunctionMode):
         if not self.stack or channels <= 1:
             return None
         owner = self.stack[-1]
-        if isinstance(owner, (*_PRUNED_LAYERS, ChannelPadShortcut)) or is_frozen_norm(owner):
+        if isinstance(owner, (*_PRUNED_LAYERS, ChannelPadShortcut)) or owner in self.frozen:
             return None
         for name, buf in owner.named_buffers(recurse=False):
-            if buf is None or buf.dim() == 0 or name.startswith("hrank_"):
+            if buf is None or buf.dim() == 0 or name.startswith(HRANK_TENSOR_PREFIX):
                 continue
             if buf.shape[0] == channels or (buf.dim() >= 2 and buf.shape[1] == channels):  # (C, ...) or (1, C, ...)
                 return (f"the buffer {name} of {self.names.get(owner, '?')} ({type(owner).__name__}), a fixed "
@@ -420,10 +421,10 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     graph.hrank_opaque = set()
     graph.hrank_remaps = {}  # node -> the torch function's name
     graph.hrank_fixed = {}  # node -> what it reads that pruning cannot shrink (a buffer, a loose conv weight)
-    pruners: dict[type, tp.pruner.BasePruningFunc] = {ChannelPadShortcut: ShortcutPruner()}
-    pruners.update({type(m): FrozenNormPruner() for m in model.modules() if is_frozen_norm(m)})
     recorder = _ShapeRecorder()
     hooks = recorder.watch(model)
+    pruners: dict[type, tp.pruner.BasePruningFunc] = {ChannelPadShortcut: ShortcutPruner()}
+    pruners.update({type(m): FrozenNormPruner() for m in recorder.frozen})
     try:
         with torch.enable_grad(), recorder:
             graph.build_dependency(
@@ -442,6 +443,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
             graph.hrank_remaps[node] = seen[0]
         elif seen is not None and node.grad_fn in recorder.fixed:
             graph.hrank_fixed[node] = recorder.fixed[node.grad_fn]
+    graph.hrank_scripted = tuple(n for m, n in recorder.names.items() if isinstance(m, torch.jit.ScriptModule))
     graph.hrank_max_indices = max([math.prod(out[1:]) for _, _, out in recorder.seen.values() if len(out) >= 2]
                                   + [4096])
     graph.hrank_opaque |= (_opaque_reshapes(graph) | _opaque_splits(graph) | set(graph.hrank_remaps)
@@ -584,6 +586,8 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
     opaque = getattr(graph, "hrank_opaque", set())
     remaps = getattr(graph, "hrank_remaps", {})
     fixed = getattr(graph, "hrank_fixed", {})
+    param_names = getattr(graph, "_param_to_name", {})
+    scripted_modules = getattr(graph, "hrank_scripted", ())
     for item in group:
         target, handler = item.dep.target, item.dep.handler
         module = target.module
@@ -607,13 +611,11 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
         if isinstance(module, nn.Parameter):
             dim = getattr(target, "pruning_dim", -1)
             if module.dim() == 0 or any(int(i) >= module.shape[dim] for i in item.idxs):
-                pname = getattr(graph, "_param_to_name", {}).get(module, "?")
-                reasons.append(f"its channels reach parameter {pname} {tuple(module.shape)}, whose dimension "
-                               f"Torch-Pruning would cut does not hold them (a loose parameter used by a "
-                               f"functional op)")
-            owner = getattr(graph, "_param_to_name", {}).get(module, "").rpartition(".")[0]
-            scripted = next((n for m, n in names.items() if isinstance(m, torch.jit.ScriptModule)
-                             and (owner == n or owner.startswith(n + "."))), None)
+                reasons.append(f"its channels reach parameter {param_names.get(module, '?')} {tuple(module.shape)}, "
+                               f"whose dimension Torch-Pruning would cut does not hold them (a loose parameter used "
+                               f"by a functional op)")
+            owner = param_names.get(module, "").rpartition(".")[0]
+            scripted = next((n for n in scripted_modules if owner == n or owner.startswith(n + ".")), None)
             if scripted is not None:
                 reasons.append(f"its channels reach TorchScript module {scripted}, whose ops hrank cannot see "
                                f"(prune the Python module, then script it)")

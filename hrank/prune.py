@@ -30,7 +30,7 @@ from torch import nn
 from hrank import flops, models
 from hrank.errors import HRankError
 from hrank.io import _error_line
-from hrank.layers import is_conv, is_grouped, per_filter_extras
+from hrank.layers import HRANK_TENSOR_PREFIX, is_conv, is_grouped, per_filter_extras
 from hrank.modelcopy import copy_model
 from hrank.models.base import ChannelPadShortcut
 from hrank.plan import Plan, PlanGroup, _called, _in_training, build_dependency_graph, find_groups
@@ -352,9 +352,10 @@ def _mask_plan(model: nn.Module, plan: Plan, graph: tp.DependencyGraph, convs: d
     return list(dict.fromkeys(masks))
 
 
-_PARAM_MASK = "hrank_mask__"  # non-persistent buffer on a module: a 0/1 tensor shaped like its parameter
-_LN_KEEP = "hrank_ln_keep"  # non-persistent buffer on a LayerNorm: 1 for kept channels
-_IN_KEEP = "hrank_in_keep"  # non-persistent buffer on a weightless consumer: 1 for input channels it still reads
+# Non-persistent buffers mask mode registers (the trace and per_filter_extras skip them by their prefix):
+_PARAM_MASK = f"{HRANK_TENSOR_PREFIX}mask__"  # on a module: a 0/1 tensor shaped like its parameter
+_LN_KEEP = f"{HRANK_TENSOR_PREFIX}ln_keep"  # on a LayerNorm: 1 for kept channels
+_IN_KEEP = f"{HRANK_TENSOR_PREFIX}in_keep"  # on a weightless consumer: 1 for input channels it still reads
 
 
 def _zero_pruned_inputs(module: nn.Module, args: tuple) -> tuple | None:

@@ -810,18 +810,16 @@ def _check_input(model: nn.Module, shape: Sequence[int], x: torch.Tensor | None 
         raise HRankError(f"images must be (N, C, H, W), got shape {tuple(shape)}")
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and shape[1] != first.in_channels:
+        from hrank.plan import _Preserved
+
         x = torch.zeros((1, *shape[1:]), device=_model_device(model)) if x is None else x[:1]
-        modes = {m: m.training for m in model.modules()}
         try:
-            model.eval()
-            with torch.no_grad():
+            with _Preserved(model, x), torch.no_grad():  # modes, buffers and RNG as they were
+                model.eval()
                 model(x)
         except Exception:  # the model cannot take these images: say why in the terms of the likely cause
             raise HRankError(f"images have {shape[1]} channels, the model's first conv expects "
                              f"{first.in_channels}") from None
-        finally:
-            for m, training in modes.items():
-                m.training = training
     arch = getattr(model, "hrank_arch", None)
     if arch in models.names():
         spec = models.get_spec(arch)

@@ -417,7 +417,6 @@ def test_input_type_errors():
         compute_ranks(model, {"images": torch.zeros(4, 3, 8, 8)}, **kw)
 
 
-
 class _SpaceToDepth(nn.Module):
     """TResNet's stem: 2x2 space-to-depth (3 -> 12 channels) before the first conv."""
 
@@ -441,6 +440,7 @@ def test_first_conv_reading_rearranged_images_is_ranked_and_wrong_channels_are_o
         compute_ranks(model, torch.randn(4, 1, 16, 16), num_images=4, progress=False)
     with pytest.raises(HRankError, match="images have 1 channels, the model's first conv expects 3"):
         compute_ranks(ConvBNAct(fn=F.relu), torch.randn(4, 1, 8, 8), num_images=4, progress=False)
+
 
 # --------------------------------------------------------------------------------------------------
 # torchvision models: every conv that runs once gets a point
