@@ -38,12 +38,18 @@ TOLERANCE = 0.01
 #            the shared streams wide, as HRank's hand-made strings do, and keeps far more accuracy before
 #            fine-tuning (ResNet-56 at 50% MACs, BN recalibrated: 58.4% vs 39.6% uniform; docs/pruning.md).
 #   score:   globally by each group's per-channel score relative to the group's best channel.
-ORDERS = ("coupled", "uniform", "score")
+#   capacity: coupled, with each group's key scaled by the cube root of the params one of its channels holds
+#            per MAC it costs (CAPACITY_EXPONENT): at a MACs target, channels that cost many MACs for few weights
+#            (early, high-resolution layers) go first, so more parameters are kept at the same MACs. The root
+#            keeps it between coupled and a greedy params-per-MAC cut; the cube root did better than the square
+#            root after pruning on four pretrained CIFAR ResNets (docs/pruning.md, bench/budget_orders.py).
+ORDERS = ("coupled", "uniform", "score", "capacity")
 ORDER_DEFAULT = "coupled"
 # Pruned groups keep a multiple of this many channels when a target allows (docs/benchmarks.md: widths such
 # as 16 -> 11 or 64 -> 61 run convolutions at a fraction of the speed of 8 or 56 on CPU; GPUs favour multiples
 # of 8 as well). 1 turns rounding off.
 ROUND_TO_DEFAULT = 8
+CAPACITY_EXPONENT = 1 / 3
 
 
 @dataclass
@@ -60,6 +66,7 @@ class BudgetResult:
     evaluations: int  # physical prunes done to confirm the answer
     group_pruned: dict[str, int] = field(default_factory=dict)  # first member -> filters removed
     round_to: int = 1  # the width multiple the answer keeps (1 when rounding was off or had to be dropped)
+    order: str = ORDER_DEFAULT  # the order the answer came from (another than asked when that one was too coarse)
 
     @property
     def error(self) -> float:
@@ -82,7 +89,7 @@ class BudgetResult:
         return {"metric": self.metric, "target": self.target, "achieved": self.achieved, "baseline": self.baseline,
                 "ratio": self.achieved / self.baseline, "error": self.error, "macs": self.macs,
                 "params": self.params, "evaluations": self.evaluations, "compress_rate": self.hrank_string(),
-                "round_to": self.round_to, "rates": dict(self.spec.rates)}
+                "round_to": self.round_to, "order": self.order, "rates": dict(self.spec.rates)}
 
 
 def readable_rate(n: int, channels: int) -> float:
@@ -180,6 +187,19 @@ class _CostModel:
         return [(layer[0] - r_in, layer[1] - r_out)
                 for layer, r_out, r_in in zip(self.layers, removed_out, removed_in, strict=True)]
 
+    def params_per_mac(self) -> list[float]:
+        """Per group: the params one channel holds per MAC it costs (what removing one channel saves of each;
+        a group whose channels cost no MACs gets infinity, one with no params zero)."""
+        base_macs, base_params = self([0] * len(self.effects))
+        ratios = []
+        for gi in range(len(self.effects)):
+            one = [0] * len(self.effects)
+            one[gi] = 1
+            macs, params = self(one)
+            saved_macs, saved_params = base_macs - macs, base_params - params
+            ratios.append(math.inf if saved_macs <= 0 else max(saved_params, 0) / saved_macs)
+        return ratios
+
     def __call__(self, counts: Sequence[int]) -> tuple[int, int]:
         macs = 0
         params = self.other_params
@@ -200,9 +220,13 @@ def _steps(channels: int, limit: int, round_to: int, blocks: int = 1) -> list[in
 
 def _search(groups: Sequence[Group], raw: Mapping[str, Any], limits: Sequence[int], order: str,
             value: Callable[[list[int]], float], goal: float, tolerance: float,
-            round_to: int = 1, group_steps: Sequence[list[int]] | None = None) -> tuple[list[int], float]:
+            round_to: int = 1, group_steps: Sequence[list[int]] | None = None,
+            params_per_mac: Sequence[float] | None = None) -> tuple[list[int], float]:
     """Channels to remove per group, closest to ``goal`` when groups give them up in ``order``
-    (``group_steps``: the cumulative counts each group may stop at, instead of those of ``round_to``)."""
+    (``group_steps``: the cumulative counts each group may stop at, instead of those of ``round_to``;
+    ``params_per_mac``: per group, from :meth:`_CostModel.params_per_mac`, needed by the capacity order)."""
+    if order == "capacity" and params_per_mac is None:
+        raise ValueError("the capacity order needs params_per_mac")
     events: list[tuple[float, int, int]] = []  # (key, group, channels this step removes)
     for gi, (g, limit) in enumerate(zip(groups, limits, strict=True)):
         steps = group_steps[gi] if group_steps is not None else _steps(g.channels, limit, round_to, g.blocks)
@@ -213,6 +237,9 @@ def _search(groups: Sequence[Group], raw: Mapping[str, Any], limits: Sequence[in
             keys = [float(s[k - 1]) for k in steps]
         elif order == "coupled":  # a group whose channels feed n convs gives them up n times more slowly
             keys = [k / g.channels * len(g.members) for k in steps]
+        elif order == "capacity":  # coupled, slower the more weights a channel holds per MAC
+            scale = params_per_mac[gi] ** CAPACITY_EXPONENT  # type: ignore[index]
+            keys = [k / g.channels * len(g.members) * scale for k in steps]
         else:  # uniform
             keys = [k / g.channels for k in steps]
         events += [(key, gi, k - prev) for key, k, prev in zip(keys, steps, [0, *steps][:-1], strict=True)]
@@ -359,7 +386,8 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
         raise HRankError(f"target {flops.format_count(goal)} {metric} cannot be met with max_rate {max_rate:g}; "
                          f"the closest achievable is {flops.format_count(floor)} "
                          f"({floor / baseline:.1%} of {flops.format_count(baseline)})")
-    counts, predicted, used = [0] * len(prunable), baseline, 1
+    ratios = cost.params_per_mac()
+    counts, predicted, used, used_order = [0] * len(prunable), baseline, 1, order
     for step in dict.fromkeys((round_to, 1)):  # whole multiples first; single channels if they cannot reach it
         if abs(predicted - goal) <= tolerance * goal:
             break
@@ -371,9 +399,10 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
         for other in (order, *[o for o in ORDERS if o != order]):  # an order too coarse: fall back to the others
             if abs(predicted - goal) <= tolerance * goal:
                 break
-            alt, alt_value = _search(prunable, raw, step_limits, other, value, goal, tolerance, step)
+            alt, alt_value = _search(prunable, raw, step_limits, other, value, goal, tolerance, step,
+                                     params_per_mac=ratios)
             if abs(alt_value - goal) < abs(predicted - goal):
-                counts, predicted, used = alt, alt_value, step
+                counts, predicted, used, used_order = alt, alt_value, step, other
                 if progress and other != order and abs(predicted - goal) <= tolerance * goal:
                     progress(f"order {order!r} cannot get within {tolerance:.0%} of the target; used {other!r}")
     if abs(predicted - goal) > tolerance * goal:
@@ -389,4 +418,4 @@ def find_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, 
         raise HRankError(f"internal: the cost model predicted {cost(counts)} but the pruned network counts "
                          f"({real.macs}, {real.params}); please report this model")
     return BudgetResult(spec, metric, goal, achieved, baseline, real.macs, real.params, 1,
-                        {g.members[0]: n for g, n in zip(prunable, counts, strict=True)}, used)
+                        {g.members[0]: n for g, n in zip(prunable, counts, strict=True)}, used, used_order)

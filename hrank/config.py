@@ -117,8 +117,9 @@ KEYS: dict[str, Key] = {
                                                     "torch's)"),
     "max_rate": Key((float,), 0.9, "largest rate a budget search may give one group"),
     "budget_order": Key((str,), "coupled", "order in which a budget search takes channels: coupled (shared "
-                                           "streams pruned more slowly), uniform (same rate everywhere) or score",
-                        ("coupled", "uniform", "score")),
+                                           "streams pruned more slowly), uniform (same rate everywhere), score, or "
+                                           "capacity (coupled, keeping channels with many params per MAC)",
+                        ("coupled", "uniform", "score", "capacity")),
     "round_to": Key((int,), 8, "a target_macs/target_params search keeps pruned widths at multiples of this (fast "
                                "kernels); 1 = exact channels (not with target_latency: its widths come from the "
                                "measurement)"),

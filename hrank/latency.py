@@ -600,7 +600,7 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
     history: list[dict[str, float]] = []
     for r in range(1, rounds + 1):
         counts, predicted = _search(search.prunable, search.raw, limits, order, predict, goal, 0.01,
-                                    group_steps=steps)
+                                    group_steps=steps, params_per_mac=cost.params_per_mac())
         spec, pruned = search.prune(model, counts)
         pruned_run = table.runtime.prepare(deployed(pruned.cpu(), x[:1]), x)
         measured = compare_end_to_end({"dense": dense_run, "pruned": pruned_run}, table.runtime)

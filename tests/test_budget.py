@@ -34,7 +34,8 @@ def test_readable_rate_is_short():
 
 @pytest.mark.parametrize("metric,target,order", [("macs", 0.5, "coupled"), ("params", 0.4, "coupled"),
                                                  ("macs", "20M", "coupled"), ("macs", 0.5, "uniform"),
-                                                 ("params", 0.6, "score")])
+                                                 ("params", 0.6, "score"), ("macs", 0.5, "capacity"),
+                                                 ("params", 0.5, "capacity")])
 def test_budget_hits_target_on_the_real_network(metric, target, order):
     model = models.create("resnet_20")
     scores = l1_scores(model)
@@ -64,9 +65,50 @@ def test_coupled_order_keeps_shared_streams_wider_than_uniform():
     assert coupled[stream] < uniform[stream] and coupled[inner] > uniform[inner]
 
 
+def test_capacity_order_keeps_more_params_at_the_same_macs():
+    # ResNet-56's stages cost the same MACs, but a stage-3 channel holds 16x the params of a stage-1 channel per
+    # MAC: capacity takes the cut from stage 1 first (cube-root weighting: 16 ** (1/3) = 2.5x more slowly in stage 3)
+    model = models.create("resnet_56")
+    scores = l1_scores(model)
+    coupled = find_budget(model, scores, target=0.5, order="coupled", round_to=1)
+    capacity = find_budget(model, scores, target=0.5, order="capacity", round_to=1)
+    assert abs(capacity.macs - coupled.macs) <= 0.01 * coupled.baseline
+    assert capacity.params > 1.2 * coupled.params
+    rates = capacity.spec.rates
+    stage1, stage2, stage3 = rates["layer1.0.conv1"], rates["layer2.4.conv1"], rates["layer3.8.conv1"]
+    assert stage1 > stage2 > stage3 > 0
+    assert 1.3 <= stage1 / stage2 <= 1.9 and 1.3 <= stage2 / stage3 <= 1.9  # 4 ** (1/3) per stage, within rounding
+
+
+def test_params_per_mac_is_what_one_channel_saves():
+    from hrank.budget import _CostModel
+    from hrank.plan import build_dependency_graph, find_groups
+
+    class TwoRes(nn.Module):  # conv a runs at 16x16, conv b at 4x4: same channels, 16x the MACs per param
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.c = nn.Conv2d(8, 8, 1)
+            self.pool = nn.AvgPool2d(4)
+
+        def forward(self, x):
+            return self.c(self.b(self.pool(torch.relu(self.a(x)))))
+
+    model = TwoRes().eval()
+    x = torch.zeros(1, 3, 16, 16)
+    graph = build_dependency_graph(model, x)
+    groups = [g for g in find_groups(model, x, graph=graph) if g.prunable]
+    cost = _CostModel(model, graph, groups, (3, 16, 16))
+    by_root = dict(zip([g.members[0] for g in groups], cost.params_per_mac(), strict=True))
+    # one filter of a: 27 weights + 1 bias at 256 positions, and one input channel of b (9 x 8 weights at 16)
+    assert by_root["a"] == pytest.approx((27 + 1 + 72) / (27 * 256 + 72 * 16))
+    # one filter of b: 72 weights (no bias) at 16 positions, and one input channel of c (8 weights at 16)
+    assert by_root["b"] == pytest.approx((72 + 8) / (72 * 16 + 8 * 16))
+
+
 def test_unknown_order_is_one_line():
     model = models.create("resnet_20")
-    with pytest.raises(HRankError, match="unknown budget order 'widest'; choose coupled, uniform, score"):
+    with pytest.raises(HRankError, match="unknown budget order 'widest'; choose coupled, uniform, score, capacity"):
         find_budget(model, l1_scores(model), target=0.5, order="widest")
 
 

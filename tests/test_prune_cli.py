@@ -129,6 +129,19 @@ def test_prune_cli_budget_target(tmp_path, r20, capsys):
     assert hrank.flops.count(model).macs == summary["after"]["macs"]
 
 
+def test_prune_cli_capacity_order(tmp_path, r20, capsys):
+    # the order reaches the search and is recorded: stage 1 (few params per MAC) loses more than stage 3
+    ckpt, ranks = r20
+    out = tmp_path / "cap"
+    assert main(["prune", "--model", "resnet_20", "--checkpoint", str(ckpt), "--ranks", str(ranks),
+                 "--target-macs", "0.5", "--budget-order", "capacity", "--round-to", "1", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["budget"]["order"] == "capacity" and summary["budget"]["round_to"] == 1
+    assert abs(summary["after"]["macs"] / summary["before"]["macs"] - 0.5) <= 0.005
+    rates = summary["budget"]["rates"]
+    assert rates["layer1.0.conv1"] > rates["layer2.0.conv1"] > rates["layer3.0.conv1"] > 0
+
+
 def test_prune_cli_force_replaces(tmp_path, r20, capsys):
     ckpt, ranks = r20
     out = tmp_path / "o"
