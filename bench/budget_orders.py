@@ -98,8 +98,8 @@ def main() -> None:
             t0 = time.perf_counter()
             model = apply_plan(copy.deepcopy(base), make_plan(base, scores, spec, criterion="l1"), mode="physical")
             counts = flops.count(model)
-            recalibrate_bn(model, Batches(train, 128, normalization=norm, train=True, device=cpu,
-                                                   seed=args.seed + 2), 512)
+            recalibrate_bn(model, Batches(train, 128, normalization=norm, train=True, device=cpu, seed=args.seed + 2),
+                           512)
             row = {"arch": arch, "layout": label, "rates": spec.to_hrank_string(), "macs": counts.macs,
                    "params": counts.params,
                    "recal": {s: evaluate(model, evals[s])["top1"] for s in evals}}
@@ -109,9 +109,9 @@ def main() -> None:
                     "bench").validate()
                 torch.manual_seed(args.seed)
                 with tempfile.TemporaryDirectory() as tmp:
-                    fit(model, make_train_batches(train, recipe, normalization=norm, device=cpu,
-                                                           seed=args.seed), evals["val"],
-                        recipe, out_dir=tmp, progress=False, printer=lambda s: None, tensorboard=False)
+                    batches = make_train_batches(train, recipe, normalization=norm, device=cpu, seed=args.seed)
+                    fit(model, batches, evals["val"], recipe, out_dir=tmp, progress=False, printer=lambda s: None,
+                        tensorboard=False)
                 row["finetuned"] = {s: evaluate(model, evals[s])["top1"] for s in evals}
             row["seconds"] = time.perf_counter() - t0
             reference = reference or row

@@ -596,11 +596,12 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
         raise HRankError(f"latency target {target:.0%} cannot be met with max_rate {max_rate:g}: the smallest "
                          f"network is predicted at {floor / dense_ms:.0%} of the dense latency")
     goal = target * dense_ms
+    ratios = cost.params_per_mac()  # a property of the network, the same in every round
     best: tuple[float, Any] | None = None
     history: list[dict[str, float]] = []
     for r in range(1, rounds + 1):
         counts, predicted = _search(search.prunable, search.raw, limits, order, predict, goal, 0.01,
-                                    group_steps=steps, params_per_mac=cost.params_per_mac())
+                                    group_steps=steps, params_per_mac=ratios)
         spec, pruned = search.prune(model, counts)
         pruned_run = table.runtime.prepare(deployed(pruned.cpu(), x[:1]), x)
         measured = compare_end_to_end({"dense": dense_run, "pruned": pruned_run}, table.runtime)
