@@ -149,9 +149,19 @@ def run_grid(args: argparse.Namespace) -> None:
             counts = flops.count(model)
             teacher = base if recipe.distill_weight > 0 else None
             if args.minutes:  # as many images as this model and recipe train in the budget, measured here
-                rate = args.images_per_second or _images_per_second(
-                    model, teacher, recipe, ft_train, norm, device, seed,
-                    sdir / f"{criterion}-{recipe_name}-calibration")
+                rate_path = sdir / f"rate_{criterion}_{recipe_name}.json"  # no '-': not a cell for summary()
+                rate = args.images_per_second
+                if rate is None and rate_path.exists():  # measured before by --measure-only
+                    rate = json.loads(rate_path.read_text())["images_per_second"]
+                if rate is None:
+                    rate = _images_per_second(model, teacher, recipe, ft_train, norm, device, seed,
+                                              sdir / f"{criterion}-{recipe_name}-calibration")
+                    atomic_write_json(rate_path, {"images_per_second": rate, "machine": machine,
+                                                  "measured": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+                if args.measure_only:
+                    print(f"seed {seed} {criterion} {recipe_name}: {rate:.1f} img/s (recorded in {rate_path})",
+                          flush=True)
+                    continue
                 cell_train, recipe = _budget_epochs(ft_train, recipe, rate * args.minutes * 60, seed)
                 row["budget"] = {"minutes": args.minutes, "images_per_second": rate,
                                  "images_seen": len(cell_train) * recipe.epochs,
@@ -269,6 +279,10 @@ def main() -> None:
     ap.add_argument("--images-per-second", type=float, default=None,
                     help="with --minutes: this rate instead of measuring one (a variant, such as another --lr, then "
                          "sees exactly the images of the reference cell measured at this rate)")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="with --minutes: measure and record each cell's rate, fit nothing (a later run with "
+                         "--minutes uses the recorded rate, so rates can be measured one at a time on an idle machine "
+                         "and the runs then share it)")
     ap.add_argument("--rank-images", type=int, default=500)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--force", action="store_true", help="redo cells that exist")
@@ -277,6 +291,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.images_per_second is not None and (not args.minutes or not args.images_per_second > 0):
         ap.error("--images-per-second needs --minutes and a positive rate")
+    if args.measure_only and not args.minutes:
+        ap.error("--measure-only needs --minutes")
     if not args.summary:
         t0 = time.perf_counter()
         run_grid(args)
