@@ -42,6 +42,7 @@ def _worker(args: argparse.Namespace) -> None:
     from hrank import models, recipes, train
     from hrank.checkpoint import load_weights
     from hrank.data import load_cifar
+    from hrank.distributed import shutdown_distributed
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
@@ -90,8 +91,7 @@ def _worker(args: argparse.Namespace) -> None:
         torch.save({"w0": w0, "w": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                     "times": times, "train_loss": stats["train_loss"], "sync_bn": trainer.sync_bn},
                    Path(args.out) / "result.pt")
-    if dist.enabled:
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()  # a barrier, then leave the group
 
 
 def _launch(args: argparse.Namespace, batch: int, procs: int, sync_bn: str, out: Path, float64: bool = False) -> dict:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,19 @@ def all_reduce(t: torch.Tensor, dist: DistInfo, op: Any = None) -> torch.Tensor:
     if dist.enabled:
         tdist.all_reduce(t, op=op or tdist.ReduceOp.SUM)
     return t
+
+
+def shutdown_distributed(wait: bool = True) -> None:
+    """Leave the process group, if one was joined: after a barrier when every process ends normally (``wait``),
+    so that none tears down its connections while a peer still holds them (gloo can abort a peer that finds
+    its connections gone at exit, failing a run that succeeded); without one when leaving on an error, where
+    a peer may never arrive."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    if wait:
+        with contextlib.suppress(Exception):  # a peer already gone: nothing left to wait for
+            tdist.barrier()
+    tdist.destroy_process_group()
 
 
 def barrier(dist: DistInfo) -> None:

@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent('''
 
     from hrank import recipes, train
     from hrank.data import load_cifar
+    from hrank.distributed import shutdown_distributed
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -54,8 +55,7 @@ SCRIPT = textwrap.dedent('''
     teb = train.make_eval_batches(test, normalization="cifar", device=device, batch_size=7)
     res = train.fit(model, tb, vb, recipe, out_dir=out, test_batches=teb, progress=False)
     torch.save(model.state_dict(), out / f"final_rank{dist.rank}.pt")
-    if dist.enabled:
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()  # a barrier, then leave the group
 ''')
 
 
@@ -105,6 +105,7 @@ SYNC_SCRIPT = textwrap.dedent('''
 
     from hrank import recipes, train
     from hrank.data import load_cifar
+    from hrank.distributed import shutdown_distributed
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -122,8 +123,7 @@ SYNC_SCRIPT = textwrap.dedent('''
     vb = train.make_eval_batches(va, normalization="cifar", device=device, batch_size=5)
     train.fit(model, tb, vb, recipe, out_dir=out, progress=False, tensorboard=False)
     torch.save(model.state_dict(), out / f"final_rank{dist.rank}.pt")
-    if dist.enabled:
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()  # a barrier, then leave the group
 ''')
 
 

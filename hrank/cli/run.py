@@ -107,14 +107,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = config.resolve(values, _overrides(args))
     name = Path(args.config).stem if args.config else cfg["model"]
     out = Path(args.out) if args.out else Path("runs") / name
+    ended = False
     try:
         run_pipeline(cfg, out, force=args.force, progress=not args.no_progress and os.environ.get("HRANK_NO_PROGRESS")
                      is None)
+        ended = True
     finally:
-        import torch.distributed as tdist
+        from hrank.distributed import shutdown_distributed
 
-        if tdist.is_available() and tdist.is_initialized():  # joined under torchrun by the pipeline
-            tdist.destroy_process_group()
+        shutdown_distributed(wait=ended)  # the process group the pipeline joined under torchrun, if any
     return 0
 
 
