@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -95,6 +95,18 @@ def shutdown_distributed(wait: bool = True) -> None:
         with contextlib.suppress(Exception):  # a peer already gone: nothing left to wait for
             tdist.barrier()
     tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group_scope() -> Iterator[None]:
+    """The body of a command that may have joined a process group: on leaving it, ``shutdown_distributed``,
+    with the barrier when the body ended normally and without it when it raised."""
+    try:
+        yield
+    except BaseException:
+        shutdown_distributed(wait=False)
+        raise
+    shutdown_distributed(wait=True)
 
 
 def barrier(dist: DistInfo) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from hrank.distributed import shutdown_distributed
+from hrank.distributed import process_group_scope, shutdown_distributed
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -33,3 +34,15 @@ def test_shutdown_without_a_group_is_a_no_op():
     shutdown_distributed()
     shutdown_distributed(wait=False)
     assert not tdist.is_initialized()
+
+
+def test_scope_leaves_the_group_on_both_exits(tmp_path: Path):
+    for n, fail in enumerate((False, True)):
+        tdist.init_process_group("gloo", init_method=f"file://{tmp_path / f'init{n}'}", rank=0, world_size=1)
+        if fail:
+            with pytest.raises(ValueError, match="inside"), process_group_scope():
+                raise ValueError("inside")
+        else:
+            with process_group_scope():
+                assert tdist.is_initialized()
+        assert not tdist.is_initialized()

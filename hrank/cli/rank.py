@@ -15,7 +15,7 @@ from hrank import datasets, models, pipeline
 from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_data_args, add_device_arg, format_table
 from hrank.data import NORMALIZATIONS
 from hrank.datasets import DataOptions
-from hrank.distributed import DistInfo, init_distributed, shutdown_distributed
+from hrank.distributed import DistInfo, init_distributed, process_group_scope
 from hrank.errors import HRankError
 from hrank.io import check_output, require_file
 from hrank.ranks import METHODS, Ranks
@@ -59,11 +59,8 @@ def run(args: argparse.Namespace) -> int:
         dist = DistInfo()
     else:
         dist, device = init_distributed(args.device)
-        ranks = None
-        try:
+        with process_group_scope():
             ranks = _compute(args, device, dist)
-        finally:
-            shutdown_distributed(wait=ranks is not None)
     if not dist.is_main:
         return 0
     ranks.save(out)

@@ -107,15 +107,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = config.resolve(values, _overrides(args))
     name = Path(args.config).stem if args.config else cfg["model"]
     out = Path(args.out) if args.out else Path("runs") / name
-    ended = False
-    try:
+    from hrank.distributed import process_group_scope
+
+    with process_group_scope():  # the process group the pipeline joins under torchrun, if any
         run_pipeline(cfg, out, force=args.force, progress=not args.no_progress and os.environ.get("HRANK_NO_PROGRESS")
                      is None)
-        ended = True
-    finally:
-        from hrank.distributed import shutdown_distributed
-
-        shutdown_distributed(wait=ended)  # the process group the pipeline joined under torchrun, if any
     return 0
 
 

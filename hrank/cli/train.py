@@ -16,7 +16,7 @@ from hrank import datasets, models, pipeline, recipes
 from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_data_args, add_device_arg, format_table, resolve_device
 from hrank.data import Normalization, load_batch_files
 from hrank.datasets import DataOptions
-from hrank.distributed import init_distributed, shutdown_distributed
+from hrank.distributed import init_distributed, process_group_scope
 from hrank.errors import HRankError
 from hrank.io import FreshOutput, atomic_write_json, check_output, check_writable, prepare_output, read_json
 
@@ -195,8 +195,7 @@ def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.R
         raise HRankError("layer-wise fine-tuning prunes step by step and needs the unpruned model and a "
                          "plan: pass --plan (or use a one-shot recipe, e.g. --no-layerwise)")
     dist, device = init_distributed(args.device)
-    ended = False
-    try:
+    with process_group_scope():
         # every check first; only then is anything written (or, with --force, the old run deleted)
         out = _check_out(args)
         fresh = FreshOutput.of(out)  # None when --out holds something
@@ -219,10 +218,7 @@ def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.R
             if fresh is not None and dist.is_main and not _holds_progress(out):  # nothing to resume: as it was
                 fresh.undo()
             raise
-        ended = True
         return 0
-    finally:
-        shutdown_distributed(wait=ended)
 
 
 def run_train(args: argparse.Namespace) -> int:
