@@ -8,8 +8,8 @@ additions, pooling, framework overhead) scaled with the activation volume. Each 
 widths that are faster than every wider width of it (so the widths kernels run well come from the
 measurement, not from a fixed multiple). The search then runs the budget search's bisection on the prediction,
 prunes a copy physically, measures it end to end against the dense model in alternation, and corrects the
-goal by the measured error until the measured ratio is within the tolerance (or the rounds are spent; the
-closest is kept and the report says how far off it is).
+goal by the measured error, damped (``next_goal``), until the measured ratio is within the tolerance (or the
+rounds are spent; the closest round that prunes something is kept and the report says how far off it is).
 """
 
 from __future__ import annotations
@@ -545,6 +545,14 @@ def check_target(target: Any) -> float:
     return value
 
 
+def next_goal(goal: float, correction: float, dense_ms: float) -> float:
+    """The next round's predicted-time goal: ``goal`` corrected by the measured error (target / measured ratio),
+    at most 2x either way per round, and rising at most half-way to the dense network's time, so one noisy
+    end-to-end measurement cannot send the search to a goal the unpruned network already meets."""
+    step = min(max(correction, 0.5), 2.0)
+    return min(goal * step, (goal + dense_ms) / 2) if step > 1 else goal * step
+
+
 def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, target: float,
                         setup: LatencySetup | None = None, input_size: tuple[int, ...] | None = None,
                         example_input: torch.Tensor | None = None, convs: Sequence[str] | None = None,
@@ -609,18 +617,18 @@ def find_latency_budget(model: nn.Module, scores: Mapping[str, np.ndarray] | obj
         history.append({"goal_ms": goal, "predicted_ms": predicted, "dense_ms": measured["dense"],
                         "pruned_ms": measured["pruned"], "ratio": ratio})
         say(f"round {r}: predicted {predicted / dense_ms:.1%}, measured {ratio:.1%} of the dense latency")
-        if best is None or abs(ratio - target) < abs(best[0] - target):
+        # the unpruned network (no counts) is never an answer, whatever noise measured it at
+        if any(counts) and (best is None or abs(ratio - target) < abs(best[0] - target)):
             best = (ratio, (counts, spec, pruned, measured, predicted, r))
-        if abs(ratio - target) <= tolerance * target:
-            break
-        goal = goal * target / ratio  # correct the prediction's error as measured
+            if abs(ratio - target) <= tolerance * target:
+                break
+        goal = next_goal(goal, target / ratio, dense_ms)
     table.save(warn)
-    assert best is not None
-    ratio, (counts, spec, pruned, measured, predicted, r) = best
-    if not any(counts):  # a measurement says the unpruned network got faster: noise, never an answer
+    if best is None:  # every round's search kept the whole network: narrower widths never measured faster
         raise HRankError(f"latency target {target:.0%} not found: no narrower width measured faster than the dense "
                          f"model on {setup.runtime} at batch {setup.batch_size} (the measurements are too noisy "
                          f"or the runtime's overhead dominates); try a larger batch, or a quieter machine")
+    ratio, (counts, spec, pruned, measured, predicted, r) = best
     real = flops.count(pruned, search.input_size)
     dense_macs = flops.count(model, search.input_size).macs
     return LatencyBudgetResult(spec, target, ratio, measured["dense"], measured["pruned"], predicted, real.macs,

@@ -199,3 +199,41 @@ def test_wide_groups_are_probed_at_a_bounded_number_of_widths():
     # a width no faster than a wider one is not a place to stop
     bumpy = lambda counts: 100.0 - counts[0] + (5.0 if counts[0] % 2 else 0.0)  # noqa: E731
     assert _record_steps(bumpy, 1, 0, 10, 1, 100.0, 16) == [2, 4, 6, 8, 10]
+
+
+def test_one_noisy_end_to_end_measurement_does_not_end_in_the_unpruned_network(tmp_path, monkeypatch):
+    # a busy machine timed the dense model 7x slow in round 1's comparison: the next goal must stay below the
+    # dense time (else round 2 prunes nothing), and round 1's pruned network is kept over an unpruned round
+    import hrank.latency as latency
+
+    real = latency.compare_end_to_end
+    calls = {"pruned": 0}
+
+    def noisy(runs, runtime, **kw):
+        out = real(runs, runtime, **kw)
+        if "pruned" in runs:
+            calls["pruned"] += 1
+            if calls["pruned"] == 1:
+                out = {**out, "dense": out["dense"] * 7}
+        return out
+
+    monkeypatch.setattr(latency, "compare_end_to_end", noisy)
+    net = _net()
+    res, _ = _search(net, 0.6, tmp_path, rounds=2)
+    assert calls["pruned"] == 2 and len(res.history) == 2
+    first, second = res.history
+    assert first["ratio"] < 0.2  # the noise
+    assert second["goal_ms"] < res.dense_ms and second["goal_ms"] <= 2 * first["goal_ms"]
+    assert second["predicted_ms"] < res.dense_ms  # round 2 prunes
+    assert res.rounds == 2 and res.measured == pytest.approx(second["ratio"])
+    assert res.macs < flops.count(net).macs
+
+
+def test_next_goal_is_damped_and_stays_below_the_dense_time():
+    from hrank.latency import next_goal
+
+    assert next_goal(60.0, 1.1, 100.0) == pytest.approx(66.0)  # an ordinary correction is applied as measured
+    assert next_goal(60.0, 0.9, 100.0) == pytest.approx(54.0)
+    assert next_goal(60.0, 0.1, 100.0) == pytest.approx(30.0)  # at most 2x down
+    assert next_goal(60.0, 4.3, 100.0) == pytest.approx(80.0)  # up: at most half-way to the dense time
+    assert next_goal(20.0, 4.3, 100.0) == pytest.approx(40.0)  # and at most 2x
