@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from hrank import models
 from hrank.data import ImageSet
+from hrank.distributed import process_group_scope
 from hrank.errors import HRankError
 from hrank.ranks import Ranks, compute_ranks
 
@@ -38,7 +39,7 @@ def _data() -> ImageSet:
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with process_group_scope():  # leaves the group after a barrier, as the CLIs do
         ranks = compute_ranks(_model(), _data(), num_images=NUM_IMAGES, batch_size=BATCH, progress=False)
         ranks.save(Path(out_dir) / f"rank{rank}.npz")
         try:  # a failure on one process must reach the other one instead of hanging it
@@ -46,8 +47,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                           points={"conv1": "layer3.0.relu2"} if rank == 1 else None)
         except HRankError as e:
             Path(out_dir, f"error{rank}.txt").write_text(str(e))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
