@@ -147,6 +147,10 @@ class _CostModel:
         index = {}
         for layer in base.layers:
             m = modules[layer.name]
+            if m in index:  # a layer called again (shared weights): its MACs per channel pair add up, params do not
+                entry = self.layers[index[m]]
+                entry[2] += layer.macs // ((entry[0] // entry[6]) * entry[1])
+                continue
             if isinstance(m, nn.modules.conv._ConvNd):
                 kk = m.kernel_size[0] * m.kernel_size[1]
                 per_macs = layer.macs // (m.in_channels // m.groups * m.out_channels)  # kernel x positions
@@ -158,7 +162,7 @@ class _CostModel:
                 positions = layer.macs // (m.in_features * m.out_features)
                 self.layers.append([m.in_features, m.out_features, positions, 1, int(m.bias is not None), False, 1])
             index[m] = len(self.layers) - 1
-        counted = sum(sum(p.numel() for p in modules[layer.name].parameters(recurse=False)) for layer in base.layers)
+        counted = sum(sum(p.numel() for p in m.parameters(recurse=False)) for m in index)
         self.other_params = base.params - counted
         self.effects = []  # per group: list of (layer index, out removed per channel, in removed per channel)
         for g in groups:

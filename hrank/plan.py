@@ -128,6 +128,24 @@ class FrozenNormPruner(tp.pruner.BasePruningFunc):
         return layer.weight.shape[0]
 
 
+class InstanceNormPruner(tp.pruner.function.InstanceNormPruner):
+    """Torch-Pruning's InstanceNorm pruner, which slices ``weight`` and ``bias`` only, plus the running statistics
+    of an InstanceNorm built with ``track_running_stats=True`` (without them its forward fails after pruning)."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        drop = set(int(i) for i in idxs)
+        keep = [c for c in range(layer.num_features) if c not in drop]
+        layer = super().prune_out_channels(layer, idxs)
+        for name in ("running_mean", "running_var"):
+            buf = layer._buffers.get(name)
+            if buf is not None and buf.dim() == 1 and buf.shape[0] != len(keep):
+                layer._buffers[name] = buf.index_select(0, torch.tensor(keep, dtype=torch.long,
+                                                                        device=buf.device)).clone()
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+
 def default_example_input(model: nn.Module) -> torch.Tensor:
     """A zero batch of one image at the registry's input size (registered models only)."""
     arch = getattr(model, "hrank_arch", None)
@@ -152,6 +170,9 @@ def _guarded(fn: Callable) -> Callable:
             return fn(graph, node)
         if node in opaque:
             return None
+        positions = getattr(graph, "hrank_concat_positions", {}).get(node)
+        if positions is not None and fn.__name__ == "update_concat_index_mapping":
+            return _map_concat(graph, node, positions)
         try:
             return fn(graph, node)
         except Exception:
@@ -193,6 +214,22 @@ def _opaque_reshapes(graph: tp.DependencyGraph) -> set:
     return out
 
 
+def _channel_splitting_views(graph: tp.DependencyGraph, seen: Mapping[Any, tuple]) -> set:
+    """Reshapes that split the channel dimension into more dimensions (a maxout's ``view(N, C // k, k, H, W)``,
+    a grouped attention's heads): Torch-Pruning 1.6.1 maps every reshape as a flatten, which is wrong here."""
+    out = set()
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.RESHAPE or node.grad_fn is None:
+            continue
+        record = seen.get(node.grad_fn)
+        if record is None or not record[1]:
+            continue
+        before, after = record[1][0], record[2]
+        if len(after) > len(before) >= 2 and len(after) >= 2 and after[1] != before[1]:
+            out.add(node)
+    return out
+
+
 def _channel_dim(dim: int, sizes: Sequence[int]) -> bool:
     return len(sizes) >= 2 and dim % len(sizes) == 1
 
@@ -221,6 +258,63 @@ def _opaque_splits(graph: tp.DependencyGraph) -> set:
                 continue  # a full slice: the same channels whatever the width
         out.add(node)
     return out
+
+
+def _map_concat(graph: tp.DependencyGraph, node: Any, positions: Sequence[int]) -> None:
+    """Torch-Pruning's concatenation mapping, with each traced input at its real place among all the tensors
+    concatenated (``positions``; ``node.module.concat_sizes`` holds every tensor's size, traced or not, and
+    Torch-Pruning's concat pruner keeps it current as channels are removed)."""
+    offsets = [0]
+    for ch in node.module.concat_sizes:
+        offsets.append(offsets[-1] + int(ch))
+    node.module.offsets = offsets
+    done: list[Any] = []
+    for k, in_node in enumerate(node.inputs):
+        span = offsets[positions[k]: positions[k] + 2]
+        for deps, target, reverse in ((node.dependencies, in_node, True), (in_node.dependencies, node, False)):
+            for dep in deps:
+                if dep.target == target and not any(dep is d for d in done):
+                    dep.index_mapping[1] = tp_index_mapping._ConcatIndexMapping(offset=span, reverse=reverse)
+                    done.append(dep)
+                    break
+
+
+def _fix_concats(graph: tp.DependencyGraph, seen: Mapping[Any, tuple]) -> set:
+    """Concatenations of channels that hold a tensor the trace does not follow (the network's input, a tensor
+    built in ``forward`` such as CoordConv's coordinates). Torch-Pruning 1.6.1 leaves such a tensor out of the
+    offsets (the channels after it are mapped to the wrong places) or gives up and couples unrelated convs.
+    hrank maps them with the recorded sizes of every tensor; the concatenations it cannot align are returned
+    (opaque)."""
+    opaque = set()
+    positions_of: dict[Any, list[int]] = {}
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.CONCAT or node.grad_fn is None:
+            continue
+        record = seen.get(node.grad_fn)
+        dim = getattr(node.grad_fn, "_saved_dim", None)
+        if record is None:  # not seen by the recorder (inside TorchScript): trust only a mapping that was made
+            if getattr(node.module, "offsets", None) is None and dim is not None and int(dim) in (1, -3):
+                opaque.add(node)
+            continue
+        _, inputs, shape = record
+        if dim is None or not _channel_dim(int(dim), shape):
+            continue
+        real = [int(s[1]) if len(s) >= 2 else -1 for s in inputs]
+        inferred = getattr(node.module, "concat_sizes", None)
+        traced = [i for i, (fn, _) in enumerate(node.grad_fn.next_functions) if fn is not None]
+        if len(traced) == len(real) and inferred is not None and getattr(node.module, "offsets", None) is not None \
+                and [None if c is None else int(c) for c in inferred] == real:
+            continue  # Torch-Pruning's own mapping is right
+        if len(real) != len(node.grad_fn.next_functions) or len(node.inputs) != len(traced) \
+                or min(real, default=-1) < 0 or sum(real) != shape[1]:
+            opaque.add(node)
+            continue
+        node.module.concat_sizes = real
+        positions_of[node] = traced
+    graph.hrank_concat_positions = positions_of
+    for node, positions in positions_of.items():
+        _map_concat(graph, node, positions)
+    return opaque
 
 
 def _cut(graph: tp.DependencyGraph, opaque: set) -> None:
@@ -323,6 +417,33 @@ _PRUNED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._Norm
                   nn.PReLU, nn.Embedding)
 
 
+# Ops whose output shape equals their input's but whose channels depend on other channels (Torch-Pruning maps
+# them one to one): along ``dim``/``dims`` (the argument at the given position when not a keyword), or always.
+_ALONG_DIM = {"softmax": 1, "log_softmax": 1, "softmin": 1, "cumsum": 1, "cumprod": 1, "logcumsumexp": 1,
+              "cummax": 1, "cummin": 1, "sort": 1, "argsort": 1, "flip": 1, "roll": 2}
+_ALWAYS_MIXING = ("local_response_norm",)
+
+
+def _mixes_channels(name: str, args: Sequence[Any], kwargs: Mapping[str, Any], ndim: int) -> bool:
+    """Whether op ``name`` called with ``args``/``kwargs`` on an ``ndim``-dim tensor mixes the channels (dim 1)
+    with each other: a softmax or cumulative sum over channels, a flip or roll of them, a local response norm.
+    When the dimension cannot be read, it is taken to be the channels' (pruning would otherwise be unsafe)."""
+    if name in _ALWAYS_MIXING:
+        return True
+    if name not in _ALONG_DIM:
+        return False
+    key = "dims" if name in ("flip", "roll") else "dim"
+    position = _ALONG_DIM[name]
+    value = kwargs[key] if key in kwargs else args[position] if len(args) > position else None
+    if value is None:
+        return not (name in ("sort", "argsort") and key not in kwargs and len(args) <= position)  # sort: dim -1
+    dims = value if isinstance(value, (list, tuple)) else [value]
+    try:
+        return any(int(d) % ndim == 1 for d in dims)
+    except (TypeError, ValueError):
+        return True
+
+
 class _ShapeRecorder(TorchFunctionMode):
     """Records, for each autograd node a torch function creates, the function's name, its tensor inputs'
     shapes and its output's shape (the first function to produce a node wins: ``contiguous()`` on a
@@ -335,6 +456,7 @@ class _ShapeRecorder(TorchFunctionMode):
         # its weight and call F.conv2d, which changes the channel count, as the layer does)
         self.stack: list[nn.Module] = []  # the modules whose forward is running, innermost last
         self.fixed: dict[Any, str] = {}  # grad_fn -> what it reads that pruning cannot shrink (a phrase)
+        self.mixing: set[Any] = set()  # grad_fns of ops that mix channels with each other at equal shape
 
     def watch(self, model: nn.Module) -> list[Any]:
         """Hooks that tell the recorder when a conv or linear layer's own forward runs, and which module's
@@ -390,6 +512,8 @@ class _ShapeRecorder(TorchFunctionMode):
                 fixed = self._loose_weight(name, [*args, *(kwargs or {}).values()])
             if fixed is not None:
                 self.fixed[grad_fn] = fixed
+            if out.dim() >= 2 and _mixes_channels(name, args, kwargs or {}, out.dim()):
+                self.mixing.add(grad_fn)
         return out
 
     def _loose_weight(self, op: str, args: Sequence[Any]) -> str | None:
@@ -425,6 +549,8 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
     hooks = recorder.watch(model)
     pruners: dict[type, tp.pruner.BasePruningFunc] = {ChannelPadShortcut: ShortcutPruner()}
     pruners.update({type(m): FrozenNormPruner() for m in recorder.frozen})
+    pruners.update({type(m): InstanceNormPruner() for m in model.modules()
+                    if isinstance(m, nn.modules.instancenorm._InstanceNorm)})
     try:
         with torch.enable_grad(), recorder:
             graph.build_dependency(
@@ -439,17 +565,25 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tp.DependencyGraph:
             h.remove()
     for node in graph.module2node.values():
         seen = recorder.seen.get(node.grad_fn) if node.type == tp.ops.OPTYPE.ELEMENTWISE else None
-        if seen is not None and _remaps_channels(*seen):
+        if seen is not None and (_remaps_channels(*seen) or node.grad_fn in recorder.mixing):
             graph.hrank_remaps[node] = seen[0]
         elif seen is not None and node.grad_fn in recorder.fixed:
             graph.hrank_fixed[node] = recorder.fixed[node.grad_fn]
     graph.hrank_scripted = tuple(n for m, n in recorder.names.items() if isinstance(m, torch.jit.ScriptModule))
     graph.hrank_max_indices = max([math.prod(out[1:]) for _, _, out in recorder.seen.values() if len(out) >= 2]
                                   + [4096])
-    graph.hrank_opaque |= (_opaque_reshapes(graph) | _opaque_splits(graph) | set(graph.hrank_remaps)
-                           | set(graph.hrank_fixed))
+    graph.hrank_opaque |= (_opaque_reshapes(graph) | _channel_splitting_views(graph, recorder.seen)
+                           | _opaque_splits(graph) | _fix_concats(graph, recorder.seen)
+                           | set(graph.hrank_remaps) | set(graph.hrank_fixed))
     _cut(graph, graph.hrank_opaque)
     return graph
+
+
+def _require_tensor(x: Any) -> None:
+    """``example_input`` must be one batch tensor: hrank traces, ranks and checks models that take one input."""
+    if not isinstance(x, torch.Tensor):
+        raise HRankError(f"example_input must be one tensor (a batch of inputs), got {type(x).__name__}; hrank "
+                         f"prunes models whose forward takes one input")
 
 
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None = None) -> tp.DependencyGraph:
@@ -462,6 +596,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor | None 
     mode, so that groups whose channels those layers read are reported as not prunable too.
     """
     x = default_example_input(model) if example_input is None else example_input
+    _require_tensor(x)
     if x.is_floating_point() and not any(p.requires_grad for p in model.parameters()):
         x = x.detach().clone().requires_grad_(True)  # a frozen model still builds an autograd graph
     was_training = model.training
@@ -576,6 +711,20 @@ def _conv_constraints(module: nn.Module, name: str, out_side: bool, identity: bo
     return module.groups, None
 
 
+def _side_width(graph: tp.DependencyGraph, node: Any, handler: Any) -> int | None:
+    """The channel count of the side of ``node``'s layer that ``handler`` prunes (None when unknown)."""
+    pruner = graph.get_pruner_of_module(node.module) if isinstance(node.module, nn.Module) else None
+    if pruner is None:
+        return None
+    try:
+        pruner.pruning_dim = node.pruning_dim
+        width = pruner.get_out_channels(node.module) if graph.is_out_channel_pruning_fn(handler) \
+            else pruner.get_in_channels(node.module)
+    except Exception:
+        return None
+    return int(width) if isinstance(width, int) else None
+
+
 def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.Module, str],
                     order: Callable[[str], int]) -> Group:
     """Members, block structure and prunability of the group rooted at ``conv`` (all its channels)."""
@@ -603,6 +752,10 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
             reasons.append(f"its channels pass {_node_label(target, names)}, an op that changes their number or "
                            f"mixes them with another dimension (e.g. a pixel shuffle or a matrix product), "
                            f"which hrank cannot map")
+        elif target in opaque and target.type == tp.ops.OPTYPE.CONCAT:
+            reasons.append(f"its channels are concatenated ({_node_label(target, names)}) with a tensor the trace "
+                           f"cannot follow (the network's input, or one built in forward such as coordinates), so "
+                           f"their positions after the concatenation are unknown")
         elif target in opaque:
             reasons.append(f"its channels pass {_node_label(target, names)}, a reshape hrank cannot map "
                            f"(e.g. a channel shuffle)")
@@ -622,6 +775,12 @@ def _describe_group(graph: tp.DependencyGraph, conv: nn.Module, names: dict[nn.M
         if not isinstance(module, nn.Module):
             continue
         name = names.get(module, "?")
+        width = _side_width(graph, target, handler)
+        if width is not None and item.idxs and max(int(i) for i in item.idxs) >= width:
+            reasons.append(f"its channels are mapped past the {width} "
+                           f"{'outputs' if graph.is_out_channel_pruning_fn(handler) else 'inputs'} of {name} (a "
+                           f"reshape hrank cannot map, e.g. a flatten after a transpose)")
+            continue
         if isinstance(module, nn.GroupNorm):
             reasons.append(f"GroupNorm {name} normalizes across these channels")
             continue

@@ -33,7 +33,7 @@ from hrank.io import _error_line
 from hrank.layers import HRANK_TENSOR_PREFIX, is_conv, is_grouped, per_filter_extras
 from hrank.modelcopy import copy_model
 from hrank.models.base import ChannelPadShortcut
-from hrank.plan import Plan, PlanGroup, _called, _in_training, build_dependency_graph, find_groups
+from hrank.plan import Plan, PlanGroup, _called, _in_training, _require_tensor, build_dependency_graph, find_groups
 from hrank.spec import Spec
 
 __all__ = ["apply_plan", "enforce_masks", "recalibrate_bn", "hrank_rule_counts", "layer_widths", "MODES"]
@@ -44,6 +44,7 @@ _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 def _example_input(model: nn.Module, plan: Plan, example_input: torch.Tensor | None) -> torch.Tensor:
     if example_input is not None:
+        _require_tensor(example_input)
         return example_input
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
@@ -447,15 +448,24 @@ def _random_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def _relative_difference(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """The largest relative L2 difference over the output tensors, each against its own scale (so a small
+    output computed wrongly is not hidden beside a large one that is right)."""
     with torch.no_grad():
         ya, yb = _outputs(a(x)), _outputs(b(x))
     if len(ya) != len(yb) or any(p.shape != q.shape for p, q in zip(ya, yb, strict=True)):
         return math.inf
-    num = math.sqrt(sum(float((p.double() - q.double()).pow(2).sum()) for p, q in zip(ya, yb, strict=True)))
-    den = math.sqrt(sum(float(q.double().pow(2).sum()) for q in yb))
-    if not math.isfinite(num):
-        return math.inf
-    return num / den if den > 0 else num
+    worst = 0.0
+    for p, q in zip(ya, yb, strict=True):
+        if not (p.is_floating_point() or p.is_complex()):
+            if not torch.equal(p, q):
+                return math.inf
+            continue
+        num = float((p.double() - q.double()).norm())
+        den = float(q.double().norm())
+        if not math.isfinite(num):
+            return math.inf
+        worst = max(worst, num / den if den > 0 else num)
+    return worst
 
 
 def _difference(pruned: nn.Module, reference: nn.Module, x: torch.Tensor) -> float:
@@ -553,6 +563,11 @@ def _apply(model: nn.Module, plan: Plan, mode: str, x: torch.Tensor, convs: dict
                 if not rel <= CHECK_TOLERANCE:
                     raise _Mismatch(rel)
         else:
+            if check and plan.coupling != "independent" and plan.pruned_groups():
+                # a coupled mask computes what the physical prune computes, so it must pass the same checks:
+                # masks placed by a channel mapping that is wrong would otherwise zero the wrong columns silently
+                trial = copy_model(model)
+                _apply(trial, plan, "physical", x, _check_fits(trial, plan, "physical"), check=True)
             _apply_masks(model, plan, graph, convs)
     except BaseException:
         snapshot.restore()

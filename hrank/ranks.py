@@ -39,7 +39,7 @@ from hrank import models
 from hrank.chip import CHIP_METHODS, _chip_4d
 from hrank.data import ImageSet, Normalization, crop_flip, draw_augmentation, normalize
 from hrank.errors import HRankError
-from hrank.io import atomic_save_with, require_file
+from hrank.io import _error_line, atomic_save_with, require_file
 from hrank.layers import is_conv
 from hrank.models.base import RankPoint
 
@@ -489,6 +489,11 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Tracer:
         model.eval()
         with torch.no_grad(), tracer:
             model(example)
+    except HRankError:
+        raise
+    except Exception as e:  # the model's own forward: one line, as for the first batch
+        raise HRankError(f"model failed on images of shape {tuple(example.shape)} ({_error_line(e)}); hrank "
+                         f"runs models that take one batch of images") from None
     finally:
         for m, t in modes.items():
             m.training = t
@@ -933,9 +938,9 @@ def _forward_first(model: nn.Module, x: torch.Tensor) -> None:
         model(x)
     except HRankError:
         raise
-    except RuntimeError as e:
-        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise HRankError(f"model failed on images of shape {tuple(x.shape)}: {line[:200]}") from None
+    except Exception as e:  # the model's own forward (a second required input, a shape it cannot take)
+        raise HRankError(f"model failed on images of shape {tuple(x.shape)} ({_error_line(e)}); hrank runs "
+                         f"models that take one batch of images") from None
 
 
 def compute_ranks(model: nn.Module, data: ImageSet | torch.Tensor | Iterable, *, num_images: int = 500,
