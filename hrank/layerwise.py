@@ -147,6 +147,10 @@ def fit_layerwise(model: nn.Module, plan: Plan, train_batches: Batches, val_batc
     identity = {"plan": fingerprint(plan.to_json()), "mode": mode, "steps": names,
                 "recipe": {k: v for k, v in recipe.to_json().items() if k != "name"}}
     done, history = 0, []
+    # each step after the first starts from a global RNG state of its own (dropout, random augmentation in the
+    # model), drawn from this seed, recorded so that a run resumed at a step boundary draws what the
+    # uninterrupted run drew
+    base_seed = torch.initial_seed()
     if state_path.exists():
         if not resume and not overwrite:
             raise HRankError(f"{out_dir} already holds a layer-wise run: pass --resume to continue it or --force "
@@ -158,6 +162,7 @@ def fit_layerwise(model: nn.Module, plan: Plan, train_batches: Batches, val_batc
                                  + ", ".join(k for k in identity if saved["identity"].get(k) != identity[k])
                                  + " (nothing was changed; use another output directory)")
             done, history = int(saved["done"]), list(saved["history"])
+            base_seed = int(saved.get("seed", base_seed))
     template = model
     prev_state, prev_plan = None, None
     if done:
@@ -167,7 +172,8 @@ def fit_layerwise(model: nn.Module, plan: Plan, train_batches: Batches, val_batc
 
     def write_state() -> None:
         if dist.is_main:
-            atomic_write_json(state_path, {"identity": identity, "done": done, "history": history})
+            atomic_write_json(state_path, {"identity": identity, "done": done, "history": history,
+                                           "seed": base_seed})
 
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +193,8 @@ def fit_layerwise(model: nn.Module, plan: Plan, train_batches: Batches, val_batc
                 f"{g.members[0]}{f' (+{len(g.members) - 1} coupled)' if len(g.members) > 1 else ''} "
                 f"{g.channels}->{g.width}" for g in steps[i]))
         step_dir = out_dir / f"step_{i + 1:03d}"
+        if i > 0:
+            torch.manual_seed((base_seed + 1_000_003 * i) % (1 << 63))
         res = fit(current, train_batches, val_batches, recipe, out_dir=step_dir,
                   resume=resume and (step_dir / "last.pt").exists(), overwrite=overwrite,
                   test_batches=test_batches if select_on_test else None, select_on_test=select_on_test,

@@ -427,6 +427,46 @@ def test_layerwise_resumes_at_step_granularity_and_modes_agree(tmp_path: Path, c
     assert torch.equal(loaded(x), results["physical"](x))
 
 
+class _DropoutNet(nn.Module):
+    """Draws from the global RNG while training (dropout), as many user models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.drop, self.fc = nn.Dropout(0.5), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.b(self.a(x)).mean((2, 3))))
+
+
+def test_layerwise_resumed_at_a_step_boundary_draws_what_the_uninterrupted_run_drew(tmp_path: Path, cifar_sets):
+    from hrank.criteria import l1_scores
+    from hrank.layerwise import fit_layerwise
+    from hrank.plan import make_plan
+
+    tr, va, _ = cifar_sets
+    torch.manual_seed(0)
+    base = _DropoutNet()
+    plan = make_plan(base, l1_scores(base), {"a.0": 0.5, "b.0": 0.5}, example_input=torch.zeros(1, 3, 32, 32))
+    r = recipes.resolve("hrank", overrides={"epochs": 1, "batch_size": 16, "milestones": [], "lr": 0.05})
+    tb = train.make_train_batches(tr, r, normalization="cifar", device=CPU)
+    vb = train.make_eval_batches(va, normalization="cifar", device=CPU)
+    quiet = {"progress": False, "printer": lambda s: None, "tensorboard": False}
+    torch.manual_seed(7)  # what the pipeline does before every call
+    full, res = fit_layerwise(base, plan, tb, vb, r, mode="physical", out_dir=tmp_path / "full", **quiet)
+    assert res.completed
+    torch.manual_seed(7)
+    _, res = fit_layerwise(base, plan, tb, vb, r, mode="physical", out_dir=tmp_path / "cut", stop_after_epoch=1,
+                           **quiet)
+    assert not res.completed and json.loads((tmp_path / "cut" / "layerwise.json").read_text())["done"] == 1
+    torch.manual_seed(7)
+    resumed, res = fit_layerwise(base, plan, tb, vb, r, mode="physical", out_dir=tmp_path / "cut", resume=True,
+                                 **quiet)
+    assert res.completed
+    assert _same(resumed.state_dict(), full.state_dict())
+
+
 @pytest.mark.filterwarnings("ignore:cifar10-")
 def test_cli_finetune_pruned_model_file(tmp_path: Path, tiny_cifar: Path, capsys):
     base, plan = _resnet20_plan({"layer1.0.conv1": 0.5, "layer3.*.conv2": 0.25})
