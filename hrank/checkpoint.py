@@ -159,7 +159,7 @@ def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module
             raise HRankError(f"the file holds {record['arch']}, the builder made {model.hrank_arch}")
     elif record.get("arch"):
         try:
-            model = models.create(record["arch"], num_classes=record.get("num_classes"))
+            model = models.create(record["arch"], num_classes=record.get("num_classes"), from_file=True)
         except HRankError as e:
             why = str(e).removeprefix(f"model {record['arch']!r}: ")
             raise HRankError(f"cannot rebuild the saved model {record['arch']!r}: {why} (or pass builder=, a callable "

@@ -165,6 +165,36 @@ def test_factory_prune_save_load_round_trip(netmod, tmp_path: Path, mode):
         assert torch.equal(rebuilt(X), pruned(X))
 
 
+def test_a_file_never_chooses_code_to_run(netmod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """A model file records the reference that built it; a ``module:factory`` one is imported only when the user
+    names it (``--model``), so a crafted file cannot make hrank import and call something of its choosing."""
+    from hrank.checkpoint import FORMAT, VERSION
+    from hrank.cli import main
+
+    ref = f"{netmod}:make_net"
+    hrank.save(models.create(ref, num_classes=5), tmp_path / "m.pt", normalization="cifar")
+    monkeypatch.setattr(models, "_NAMED_BY_USER", set())  # a fresh process: nothing named yet
+    assert main(["info", "--model", str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not run code a file names" in err and f"--model {ref}" in err and err.count("\n") == 1
+    (tmp_path / "evil.py").write_text("open(__file__ + '.ran', 'w').close()\ndef f():\n    return 1\n")
+    for arch in ("sys:exit", "os:abort", f"{tmp_path / 'evil.py'}:f"):
+        record = {"format": FORMAT, "version": VERSION, "arch": arch, "num_classes": 10}
+        with pytest.raises(HRankError, match="does not run code a file names"):
+            build_from_record(record)
+    assert not (tmp_path / "evil.py.ran").exists()
+    # named by the user: the file rebuilds, and a file of another model is refused
+    loaded = hrank.pipeline.load_model(ref, model_file=tmp_path / "m.pt")
+    assert loaded.ref == ref and loaded.model.fc.out_features == 5
+    with pytest.raises(HRankError, match="holds"):
+        hrank.pipeline.load_model(f"{netmod}:fixed_net", model_file=tmp_path / "m.pt")
+
+
+def test_a_factory_that_exits_is_a_failed_build(tmp_path: Path):
+    (tmp_path / "quits.py").write_text("import sys\ndef make():\n    sys.exit(0)\n")
+    assert "building it failed (SystemExit" in _error(f"{tmp_path / 'quits.py'}:make")
+
+
 def test_factory_hrank_string_one_rate_per_conv(netmod):
     model = models.create(f"{netmod}:make_net")
     spec = Spec.from_string(model, "[0.25]*2+[0.5]")

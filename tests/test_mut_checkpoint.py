@@ -216,6 +216,9 @@ def test_explicit_plan_arch_and_num_classes_are_what_save_records(tmp_path):
     assert record["arch"] == ref and record["num_classes"] == 7
     assert record["plan"] == plan.to_json() and record["plan"]["layers"]["a"] == [4, 5, 6, 7]
     assert record["mode"] == "physical"
+    with pytest.raises(HRankError, match="does not run code a file names"):
+        load(path)  # the file names code nobody in this process asked for
+    models.trust(ref)  # what --model REF or a run config's model does
     loaded, meta = load(path)
     assert loaded.a.out_channels == 4 and loaded.head.out_channels == 7
     assert meta["plan"].to_json() == plan.to_json()
@@ -265,6 +268,7 @@ def test_unresolvable_reference_is_a_one_line_error(tmp_path):
     missing = tmp_path / "gone.py"
     ref = f"{missing}:make"
     record = {"format": FORMAT, "version": VERSION, "arch": ref, "num_classes": 3}
+    models.trust(ref)  # named by the user: a file alone never makes hrank import code
     with pytest.raises(HRankError) as err:
         build_from_record(record)
     assert str(err.value) == (f"cannot rebuild the saved model {ref!r}: no file {missing} "

@@ -73,7 +73,10 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (one of)")
     g.add_argument("--model-file", default=None, help="a model saved by hrank (pruned or not), or a training "
                                                       "run's best.pt/last.pt")
-    g.add_argument("--model", default=None, help="registry architecture, with --checkpoint")
+    g.add_argument("--model", default=None, help="architecture (registry name, torchvision:NAME, timm:NAME, "
+                                                 "module:factory), with --checkpoint; with --model-file, the "
+                                                 "module:factory that file was built from (hrank never imports "
+                                                 "code a file names)")
     g.add_argument("--checkpoint", default=None, help="weights for --model (any state_dict checkpoint)")
     g.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width for --model")
 
@@ -177,7 +180,7 @@ def _holds_progress(out: Path) -> bool:
 
 def load_model_source(args: argparse.Namespace) -> pipeline.LoadedModel:
     """The model named by --model-file, or --model + --checkpoint."""
-    if args.model_file and (args.model or args.checkpoint):
+    if args.model_file and args.checkpoint:
         raise HRankError("give either --model-file or --model with --checkpoint, not both")
     if not args.model_file:
         if not args.model:

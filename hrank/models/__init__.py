@@ -19,6 +19,7 @@ from hrank.models import densenet, external, googlenet, resnet_cifar, resnet_ima
 from hrank.models.base import ArchSpec, ChannelPadShortcut, RankPoint
 
 __all__ = [
+    "trust",
     "ArchSpec",
     "ChannelPadShortcut",
     "RankPoint",
@@ -84,12 +85,31 @@ def get_spec(ref: str) -> ArchSpec:
                      f"package.module:factory)")
 
 
-def create(ref: str, num_classes: int | None = None) -> nn.Module:
+# ``module:factory`` references this process was given by its user (a flag, a config, an API call), as opposed to
+# read from a file: a file may name one of these, never new code to import (see :func:`create`).
+_NAMED_BY_USER: set[str] = set()
+
+
+def trust(ref: str) -> None:
+    """Mark ``ref`` as named by the user, so that files recording it may rebuild it (:func:`create`)."""
+    if isinstance(ref, str):
+        _NAMED_BY_USER.add(ref)
+
+
+def create(ref: str, num_classes: int | None = None, *, from_file: bool = False) -> nn.Module:
     """Build the model ``ref`` names (registry name or external reference) with fresh weights.
 
     The model carries ``hrank_arch = ref`` and ``hrank_num_classes`` so that saved files record what rebuilds it.
-    External weights are never downloaded; load them with :func:`load_checkpoint`.
+    External weights are never downloaded; load them with :func:`load_checkpoint`. ``from_file``: ``ref`` was
+    read from a file, which must not choose code to run: a ``module:factory`` reference is built only when the
+    user named it in this process (:func:`trust`; the CLI's ``--model``, a run config's ``model``).
     """
+    if isinstance(ref, str) and external.runs_code(ref):
+        if not from_file:
+            trust(ref)
+        elif ref not in _NAMED_BY_USER:
+            raise HRankError(f"the file says it was built by {ref!r}, which imports and runs code; hrank does not run "
+                             f"code a file names: name the model yourself (--model {ref})")
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise HRankError(f"num_classes must be an integer >= 1, got {num_classes!r}")

@@ -37,6 +37,15 @@ def is_external(ref: str) -> bool:
     return isinstance(ref, str) and ":" in ref
 
 
+def runs_code(ref: str) -> bool:
+    """True for references that import user code to build the model (``module:factory``, ``path.py:factory``);
+    torchvision and timm names only pick a model inside an installed library."""
+    if not is_external(ref):
+        return False
+    source = ref.rpartition(":")[0]
+    return source not in ("torchvision", "timm")
+
+
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
@@ -133,7 +142,7 @@ def _import_file(ref: str, source: str) -> Any:
     sys.modules[name] = module  # before running it: dataclasses and pickling look the module up by name
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         del sys.modules[name]
         raise HRankError(f"model {ref!r}: importing {source} failed ({_short(e)})") from None
     return module
@@ -217,7 +226,7 @@ def build(ref: str, num_classes: int | None = None) -> nn.Module:
         model = factory.call(num_classes)
     except HRankError:
         raise
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a factory that calls sys.exit() is a failed build, not an exit
         raise HRankError(f"model {ref!r}: building it failed ({_short(e)})") from None
     if not isinstance(model, nn.Module):
         raise HRankError(f"model {ref!r}: the factory returned {type(model).__name__}, not an nn.Module")
