@@ -17,6 +17,8 @@ were saved with. Files written before it existed load as before (without version
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -134,6 +136,56 @@ def model_record(model: nn.Module, *, plan: Any = None, arch: str | None = None,
     return record
 
 
+def _what(v: Any) -> str:
+    """A JSON value for an error message: itself when short, else its kind."""
+    if v is None or isinstance(v, bool):
+        return json.dumps(v)
+    if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) <= 40):
+        return repr(v)
+    return {str: "a long string", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_record(record: Any, where: str = "") -> None:
+    """One-line errors for a record (``where``: its file, if known) that is newer than this hrank or damaged: the
+    fields hrank reads must have their types, so that nothing fails later with a traceback or is read wrongly."""
+    at = f"{where}: " if where else ""
+    bad = f"{at}damaged model record:"
+    if not isinstance(record, Mapping):
+        raise HRankError(f"{bad} it is {_what(record)}, not an object")
+    version = record.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise HRankError(f"{bad} version must be an integer, got {_what(version)}")
+    if version > VERSION:
+        raise HRankError(f"{at}model record version {version} is newer than this hrank supports")
+    norm = record.get("normalization")
+    if isinstance(norm, Mapping):
+        mean, std = norm.get("mean"), norm.get("std")
+        if not (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and mean and len(mean) == len(std)
+                and all(_is_number(m) for m in mean) and all(_is_number(x) and x > 0 for x in std)):
+            raise HRankError(f"{bad} normalization needs mean and std, lists of finite numbers of the same length "
+                             "(std > 0)")
+        if not isinstance(norm.get("name", "custom"), str):
+            raise HRankError(f"{bad} the normalization's name must be a string, got {_what(norm.get('name'))}")
+    elif norm is not None and not isinstance(norm, str):
+        raise HRankError(f"{bad} normalization must be an object, a preset name or null, got {_what(norm)}")
+    meta = record.get("state_metadata")
+    if meta is not None:
+        if not isinstance(meta, Mapping):
+            raise HRankError(f"{bad} state_metadata must be an object, got {_what(meta)}")
+        for prefix, entry in meta.items():
+            if not isinstance(prefix, str) or not isinstance(entry, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, _PLAIN) for k, v in entry.items()):
+                raise HRankError(f"{bad} state_metadata[{_what(prefix)}] must be an object of plain values, "
+                                 f"got {_what(entry)}")
+    plan = record.get("plan")
+    if plan is not None and not isinstance(plan, Mapping):
+        raise HRankError(f"{bad} plan must be an object or null, got {_what(plan)}")
+
+
 def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module] | None = None) -> nn.Module:
     """Rebuild the (pruned) model a record describes; load its weights strictly when it holds them.
 
@@ -147,10 +199,9 @@ def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module
     from hrank.plan import Plan
     from hrank.prune import apply_plan, enforce_masks
 
-    if record.get("format") != FORMAT:
+    if not isinstance(record, Mapping) or record.get("format") != FORMAT:
         raise HRankError("not an hrank model record (missing format: hrank.model)")
-    if int(record.get("version", 0)) > VERSION:
-        raise HRankError(f"model record version {record.get('version')} is newer than this hrank supports")
+    _check_record(record)
     if builder is not None:
         model = builder()
         if not isinstance(model, nn.Module):
@@ -198,6 +249,7 @@ def read_record(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
     state = obj.get("state_dict")
     if not isinstance(state, dict):
         raise HRankError(f"{path}: no state_dict")
+    _check_record(record, str(path))
     return record, state
 
 

@@ -31,6 +31,10 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
 @dataclass(frozen=True)
 class Normalization:
     """Per-channel mean/std applied to [0, 1] images; stored with every checkpoint hrank writes."""
@@ -45,8 +49,11 @@ class Normalization:
         if isinstance(name_or_obj, Normalization):
             return name_or_obj
         if isinstance(name_or_obj, dict):
-            return Normalization(tuple(name_or_obj["mean"]), tuple(name_or_obj["std"]),
-                                 name_or_obj.get("name", "custom"))
+            mean, std = name_or_obj.get("mean"), name_or_obj.get("std")
+            if not (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and mean
+                    and len(mean) == len(std) and all(_is_real(v) for v in (*mean, *std))):
+                raise HRankError("a normalization needs mean and std: lists of numbers of the same length")
+            return Normalization(tuple(mean), tuple(std), name_or_obj.get("name", "custom"))
         name = name_or_obj or "cifar"
         if name not in NORMALIZATIONS:
             raise HRankError(f"unknown normalization {name!r}; choose one of {', '.join(NORMALIZATIONS)}")
@@ -383,6 +390,28 @@ def load_cifar(data_dir: str | os.PathLike, dataset: str = "cifar10", split: str
                             name=f"{dataset}-{split}")
 
 
+def _int_labels(path: Path, labs: Any, num_classes: int) -> np.ndarray:
+    """A batch file's labels as int64: a flat list of integers (or integer-valued floats) in 0..num_classes-1."""
+    try:
+        arr = np.asarray(labs)
+    except (TypeError, ValueError):  # ragged nested lists
+        arr = None
+    if arr is None or arr.ndim != 1:
+        raise HRankError(f"{path}: labels must be a flat list of integers")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind == "f":
+        whole = np.isfinite(arr) & (arr == np.round(arr))
+        if not whole.all():
+            raise HRankError(f"{path}: labels must be integers, found {float(arr[~whole][0])}")
+    elif arr.dtype.kind not in "iu":
+        what = "text" if arr.dtype.kind in "US" else ("true/false" if arr.dtype.kind == "b" else "non-numbers")
+        raise HRankError(f"{path}: labels must be integers, found {what}")
+    if arr.min() < 0 or arr.max() >= num_classes:
+        raise HRankError(f"{path}: labels outside 0..{num_classes - 1}")
+    return arr.astype(np.int64)
+
+
 def load_batch_files(paths: list[Path], num_classes: int, *, label_key: bytes = b"labels",
                      meta: Path | None = None, names_key: bytes = b"label_names",
                      expected: int | None = None, strict_counts: bool = True, name: str = "") -> ImageSet:
@@ -397,11 +426,9 @@ def load_batch_files(paths: list[Path], num_classes: int, *, label_key: bytes = 
         data = np.asarray(data)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             raise HRankError(f"{p}: expected uint8 data of shape (N, 3072), got {data.dtype} {data.shape}")
-        labs = np.asarray(labs, dtype=np.int64)
+        labs = _int_labels(p, labs, num_classes)
         if labs.shape[0] != data.shape[0]:
             raise HRankError(f"{p}: {data.shape[0]} images but {labs.shape[0]} labels")
-        if labs.size and (labs.min() < 0 or labs.max() >= num_classes):
-            raise HRankError(f"{p}: labels outside 0..{num_classes - 1}")
         images.append(data)
         labels.append(labs)
     data = np.concatenate(images)

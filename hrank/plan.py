@@ -971,11 +971,15 @@ class Plan:
     def from_json(d: Mapping[str, Any]) -> Plan:
         if not isinstance(d, Mapping) or d.get("format") != PLAN_FORMAT:
             raise HRankError("not an hrank plan (missing format: hrank.plan)")
-        if int(d.get("version", 0)) > PLAN_VERSION:
-            raise HRankError(f"plan format version {d.get('version')} is newer than this hrank supports "
+        version = d.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise HRankError(f"malformed plan: version must be an integer, got {_short(version)}")
+        if version > PLAN_VERSION:
+            raise HRankError(f"plan format version {version} is newer than this hrank supports "
                              f"({PLAN_VERSION})")
+        input_size = _input_size(d.get("input_size"))
         try:
-            plan = Plan(d.get("arch"), d.get("num_classes"), [int(x) for x in d["input_size"]],
+            plan = Plan(d.get("arch"), d.get("num_classes"), input_size,
                         str(d.get("criterion", "hrank")), str(d["coupling"]), str(d.get("width_rule", "mean")),
                         dict(d.get("spec") or {}), [PlanGroup.from_json(g) for g in d["groups"]],
                         d.get("scores_fingerprint"), d.get("scores_digest"),
@@ -1007,7 +1011,10 @@ class Plan:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise HRankError(f"cannot read plan {path}: {_error_line(e)}") from None
-        return Plan.from_json(data)
+        try:
+            return Plan.from_json(data)
+        except HRankError as e:  # say which file
+            raise HRankError(f"{path}: {e}") from None
 
     def summary(self) -> str:
         """One line: coupling, groups pruned, channels kept, convs skipped."""
@@ -1023,6 +1030,40 @@ class Plan:
         if limit is not None and len(rows) > limit:
             rows = rows[:limit] + [f"... and {len(rows) - limit} more"]
         return rows
+
+
+_MAX_INPUT_DIM = 65536  # per dimension of a plan's input_size
+_MAX_INPUT_ELEMS = 2 ** 28  # one example input of this many float32 elements is 1 GiB
+
+
+def _short(v: Any) -> str:
+    """A JSON value for an error message: itself when short, else its kind."""
+    if v is None or isinstance(v, bool):
+        return json.dumps(v)
+    if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) <= 40):
+        return repr(v)
+    return {str: "a long string", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def _input_size(v: Any) -> list[int]:
+    """A plan's ``input_size``: a short list of positive integers whose example input fits in memory."""
+    what = f"malformed plan: input_size must be a list of positive integers (e.g. [3, 32, 32]), got {_short(v)}"
+    if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 8:
+        raise HRankError(what)
+    dims = []
+    for x in v:
+        if isinstance(x, (float, np.floating)) and float(x).is_integer():
+            x = int(x)
+        if isinstance(x, np.integer):
+            x = int(x)
+        if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+            raise HRankError(f"malformed plan: input_size must be a list of positive integers, got {_short(x)} "
+                             f"in it")
+        dims.append(x)
+    if max(dims) > _MAX_INPUT_DIM or math.prod(dims) > _MAX_INPUT_ELEMS:
+        raise HRankError(f"malformed plan: input_size {'x'.join(map(str, dims))} is too large (at most "
+                         f"{_MAX_INPUT_DIM} per dimension and {_MAX_INPUT_ELEMS} elements)")
+    return dims
 
 
 def _unpack_scores(scores_or_ranks: Any) -> tuple[dict[str, np.ndarray], str | None, str | None]:

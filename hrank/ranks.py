@@ -932,6 +932,10 @@ class _Hooks:
                          f"{grp.convs[0][0]}; check the checkpoint and the input normalization")
 
 
+def _shape_str(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
 def _forward_first(model: nn.Module, x: torch.Tensor) -> None:
     """The first batch: a model that cannot take these images fails with one line, not a traceback."""
     try:
@@ -1056,15 +1060,21 @@ def _compute(model: nn.Module, data: Any, criteria: tuple[str, ...], *, num_imag
             from tqdm.auto import tqdm
             bar = tqdm(total=total, desc="ranking", unit="batch")
         with torch.no_grad(), _full_float32(dev):
-            for x in batches:
+            first_shape: tuple[int, ...] = ()
+            for index, x in enumerate(batches):
                 if hooks is None:
                     _check_input(model, x.shape, x)
+                    first_shape = tuple(x.shape)
                     resolved, reasons, linear = _resolve_points(model, points, convs, x)
                     kinds = tuple("rank" if c == "hrank" else c for c in criteria)
                     hooks = _Hooks(model, resolved, method, chunk, pool, n_workers, kinds, chip_method)
                     hooks.start_batch()
                     _forward_first(model, x)
                 else:
+                    if tuple(x.shape[1:]) != first_shape[1:]:  # would mix map sizes in the means, or fail in a conv
+                        raise HRankError(f"data batch {index} (counting from 0) has images of shape "
+                                         f"{_shape_str(x.shape[1:])}, the first batch "
+                                         f"{_shape_str(first_shape[1:])}; every batch must have the same image shape")
                     hooks.start_batch()
                     model(x)
                 hooks.end_batch()
@@ -1189,6 +1199,38 @@ def _model_convs(model: nn.Module) -> dict[str, int]:
     return {name: m.out_channels for name, m in model.named_modules() if is_conv(m)}
 
 
+def _is_int(v: Any) -> bool:
+    """A JSON integer (not a boolean)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _json_what(v: Any) -> str:
+    """A short phrase for a JSON value in an error message: the value itself when short, else its kind."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return repr(v) if len(v) <= 40 else "a long string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _is_point_json(p: Any) -> bool:
+    """Whether ``p`` is a RankPoint as ``RankPoint.to_json`` writes it."""
+    if not isinstance(p, dict) or not isinstance(p.get("module"), str):
+        return False
+    ch, call, act = p.get("channels"), p.get("call"), p.get("act")
+    if ch is not None and not (isinstance(ch, list) and len(ch) == 2 and all(_is_int(n) and n >= 0 for n in ch)):
+        return False
+    return (call is None or (_is_int(call) and call >= 0)) and (act is None or isinstance(act, str))
+
+
 _FORMAT = "hrank-ranks"
 _VERSION = 1
 
@@ -1228,21 +1270,73 @@ class Ranks:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> Ranks:
-        """Read a file written by ``save``; with ``model``, also ``validate`` that it belongs to that model."""
+        """Read a file written by ``save``; with ``model``, also ``validate`` that it belongs to that model.
+
+        A damaged header or score array (a field of the wrong type, a score that is not a 1-D array of
+        real numbers) is a one-line error naming the file and the field."""
         path = require_file(path, "ranks file")
+        not_ranks = f"{path} is not an hrank ranks file (write one with `hrank rank`)"
         try:
             with np.load(path, allow_pickle=False) as z:
                 header = json.loads(bytes(z["header"]).decode())
+                if not isinstance(header, dict):
+                    raise HRankError(f"{path}: damaged ranks file: its header is {_json_what(header)}, not an object")
                 if header.get("format") != _FORMAT:
                     raise KeyError("format")
-                scores = {c: np.asarray(z[f"s{i}"], dtype=np.float64) for i, c in enumerate(header["convs"])}
+                version = header.get("version", 0)
+                if not _is_int(version):
+                    raise HRankError(f"{path}: damaged ranks file: version must be an integer, got "
+                                     f"{_json_what(version)}")
+                if version > _VERSION:
+                    raise HRankError(f"{path} was written by a newer hrank (format version {version})")
+                convs = header.get("convs")
+                if not isinstance(convs, list) or not all(isinstance(c, str) for c in convs):
+                    raise HRankError(f"{path}: damaged ranks file: convs must be a list of conv names, got "
+                                     f"{_json_what(convs)}")
+                raw = {c: z[f"s{i}"] for i, c in enumerate(convs)}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError):
-            raise HRankError(f"{path} is not an hrank ranks file (write one with `hrank rank`)") from None
-        if header.get("version", 0) > _VERSION:
-            raise HRankError(f"{path} was written by a newer hrank (format version {header['version']})")
-        ranks = cls(scores, int(header["num_images"]), {c: tuple(v) for c, v in header.get("spatial", {}).items()},
-                    {c: RankPoint.from_json(p) for c, p in header.get("points", {}).items()},
-                    header.get("fingerprint", ""), header.get("arch"), header.get("meta", {}))
+            raise HRankError(not_ranks) from None
+        scores: dict[str, np.ndarray] = {}
+        for c, a in raw.items():
+            if a.ndim != 1 or a.dtype.kind not in "biuf":
+                what = f"a {a.ndim}-d array" if a.ndim != 1 else f"an array of {a.dtype.name}"
+                raise HRankError(f"{path}: damaged ranks file: the scores of {c} must be a 1-D array of real "
+                                 f"numbers, got {what}")
+            scores[c] = a.astype(np.float64)
+        num_images = header.get("num_images")
+        if isinstance(num_images, float) and num_images.is_integer():
+            num_images = int(num_images)
+        if not _is_int(num_images) or num_images < 0:  # 0: weight criteria (hrank.criteria) use no images
+            raise HRankError(f"{path}: damaged ranks file: num_images must be a non-negative integer, got "
+                             f"{_json_what(num_images)}")
+        spatial = header.get("spatial", {})
+        if not isinstance(spatial, dict) or not all(
+                isinstance(v, list) and len(v) == 2 and all(_is_int(n) and n >= 0 for n in v)
+                for v in spatial.values()):
+            raise HRankError(f"{path}: damaged ranks file: spatial must map each conv to its [H, W] map size")
+        points: dict[str, RankPoint] = {}
+        raw_points = header.get("points", {})
+        if not isinstance(raw_points, dict):
+            raise HRankError(f"{path}: damaged ranks file: points must map each conv to its rank point, got "
+                             f"{_json_what(raw_points)}")
+        for c, p in raw_points.items():
+            if not _is_point_json(p):
+                raise HRankError(f"{path}: damaged ranks file: the rank point of {c} is malformed (expected "
+                                 f"{{\"module\": name, \"channels\": [lo, hi] or null, ...}}), got {_json_what(p)}")
+            points[c] = RankPoint.from_json(p)
+        fingerprint, arch, meta = header.get("fingerprint", ""), header.get("arch"), header.get("meta", {})
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise HRankError(f"{path}: damaged ranks file: fingerprint must be a string, got {_json_what(fingerprint)}")
+        if arch is not None and not isinstance(arch, str):
+            raise HRankError(f"{path}: damaged ranks file: arch must be a string or null, got {_json_what(arch)}")
+        if not isinstance(meta, dict):
+            raise HRankError(f"{path}: damaged ranks file: meta must be an object, got {_json_what(meta)}")
+        ranked = meta.get("model_convs")
+        if ranked is not None and not (isinstance(ranked, dict) and all(_is_int(n) for n in ranked.values())):
+            raise HRankError(f"{path}: damaged ranks file: meta.model_convs must map conv names to filter counts, "
+                             f"got {_json_what(ranked)}")
+        ranks = cls(scores, num_images, {c: (v[0], v[1]) for c, v in spatial.items()}, points, fingerprint, arch,
+                    meta)
         if model is not None:
             ranks.validate(model)
         return ranks
@@ -1288,8 +1382,13 @@ class Ranks:
                 raise HRankError(f"{folder} lacks {fname} (the ranks of {conv}); is it the {arch} folder?")
             try:
                 values = np.load(path, allow_pickle=False)
+            except EOFError:
+                raise HRankError(f"cannot read {path}: the file is empty or truncated") from None
             except (OSError, ValueError) as e:
                 raise HRankError(f"cannot read {path}: {e}") from None
+            if values.dtype.kind not in "biuf":
+                what = "text" if values.dtype.kind in "US" else f"{values.dtype.name} values"
+                raise HRankError(f"{path} holds {what}, not real numbers: it is not an official rank file")
             if values.ndim != 1 or len(values) != have[conv]:
                 raise HRankError(f"{path} has {values.shape} values, {conv} of {arch} has {have[conv]} filters")
             scores[conv] = values.astype(np.float64)
