@@ -162,6 +162,8 @@ def check_value(key: str, value: Any, where: str = "") -> Any:
     if key not in KEYS:
         raise HRankError(f"unknown config key {key!r}{where}; valid keys: {', '.join(KEYS)}")
     spec = KEYS[key]
+    if float in spec.types and str not in spec.types:
+        value = recipes.number_from_text(value)
     ok = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
     if not ok and float in spec.types and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -249,6 +251,11 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     for key in ("seed", "val_size", "workers"):
         if cfg[key] is not None and cfg[key] < 0:
             raise HRankError(f"config key {key!r} must be >= 0, got {cfg[key]}")
+    if cfg["seed"] >= 1 << 63:
+        raise HRankError(f"config key 'seed' must be < 2**63, got {cfg['seed']}")
+    if cfg["val_size"] == 0 and not cfg["select_on_test"]:
+        raise HRankError("val_size 0 leaves no validation split to select the best epoch on: give one (e.g. "
+                         "val_size 5000) or set select_on_test (biased: selects on the test set)")
     if not 0 < cfg["max_rate"] < 1:
         raise HRankError(f"config key 'max_rate' must be in (0, 1), got {cfg['max_rate']}")
     if cfg["coupling"] == "independent" and cfg["mode"] != "mask":

@@ -27,6 +27,8 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise HRankError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise HRankError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HRankError("CUDA was requested but is not available on this machine")
     return dev

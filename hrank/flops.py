@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from hrank.errors import HRankError
+from hrank.io import _error_line
+
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
@@ -75,6 +78,11 @@ def _trace_layers(model: nn.Module, input_size: tuple[int, ...]
     try:
         with torch.no_grad():
             model(_example_input(model, input_size))
+    except HRankError:
+        raise
+    except Exception as e:  # the model cannot take this input (channels, a size it downsamples below 1 pixel)
+        raise HRankError(f"the model fails on an input of size {tuple(input_size)} ({_error_line(e)}); "
+                         f"check the model's input size") from None
     finally:
         for h in hooks:
             h.remove()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -95,7 +96,10 @@ def check_output(path: str | os.PathLike, *, force: bool = False, is_dir: bool =
     """What :func:`prepare_output` checks, writing nothing: an existing output without ``force``, a file where a
     directory is expected (or the reverse), and a place that cannot be written."""
     path = Path(path)
-    if path.exists():
+    if path.is_symlink() and not path.exists():  # a dangling link (or a loop) is still something the user made
+        if not force:
+            raise HRankError(f"{what} {path} is a symbolic link to nothing (use --force to replace it)")
+    elif path.exists():
         kind = "directory" if path.is_dir() else "file"
         if not force:
             raise HRankError(f"{what} {kind} {path} already exists (use --force to overwrite)")
@@ -117,6 +121,18 @@ def prepare_output(path: str | os.PathLike, *, force: bool = False, is_dir: bool
     return path
 
 
+# What _atomic leaves when the process is killed between creating its temporary file and renaming it:
+# ``.NAME.XXXXXXXX.tmp`` (tempfile.mkstemp's eight random characters).
+_OWN_TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def holds_anything(path: str | os.PathLike) -> bool:
+    """Whether directory ``path`` holds anything but hrank's own temporary files, which a kill during a write
+    leaves behind (a directory holding only those is one an interrupted command created)."""
+    path = Path(path)
+    return path.is_dir() and any(not (_OWN_TEMP.fullmatch(p.name) and p.is_file()) for p in path.iterdir())
+
+
 @dataclass(frozen=True)
 class FreshOutput:
     """An output directory that held nothing before a command ran, and how to leave it so again if the
@@ -130,7 +146,7 @@ class FreshOutput:
         """The state of ``path`` now; None when it already holds something (then nothing is ever removed)."""
         path = Path(path)
         if path.exists():
-            return FreshOutput(path, None) if path.is_dir() and not any(path.iterdir()) else None
+            return FreshOutput(path, None) if path.is_dir() and not holds_anything(path) else None
         top = path.absolute()
         while not top.parent.exists():
             top = top.parent
@@ -214,7 +230,12 @@ def load_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> tup
     path = Path(path)
     if not path.is_file():
         raise HRankError(f"{what} not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HRankError(f"{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise HRankError(f"cannot read {what} {path}: {e.strerror or e}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -372,7 +372,9 @@ def finetune(model: nn.Module, data: DataSplits, recipe: Recipe, *, normalizatio
     train = make_train_batches(data.finetune, recipe, normalization=norm, device=device, seed=seed)
     val = make_eval_batches(data.val, normalization=norm, device=device) if data.val is not None else None
     test = make_eval_batches(data.test, normalization=norm, device=device)
-    select_on_test = select_on_test or val is None
+    if val is None and not select_on_test:  # never select on the test set unasked
+        raise HRankError("no validation split to select the best epoch on: give one (e.g. --val-size 5000) or "
+                         "pass --select-on-test to select on the test set")
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = dict(out_dir=out_dir, resume=resume, overwrite=overwrite, test_batches=test,
                                   select_on_test=select_on_test, run_info=run_info, stop_after_epoch=stop_after,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -92,11 +93,11 @@ class Recipe:
         checks = [
             ("epochs", self.epochs >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
-            ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a finite number > 0"),
+            ("lr", math.isfinite(self.lr) and 0 < self.lr <= 1e4, "must be a number in (0, 10000]"),
             ("lr_ref_batch", self.lr_ref_batch >= 0, "must be >= 0"),
             ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
-            ("weight_decay", math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-             "must be a finite number >= 0"),
+            ("weight_decay", math.isfinite(self.weight_decay) and 0 <= self.weight_decay <= 1e4,
+             "must be a number in [0, 10000]"),
             ("gamma", 0 < self.gamma <= 1, "must be in (0, 1]"),
             ("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs, "must be in [0, epochs]"),
             ("final_lr_fraction", 0 <= self.final_lr_fraction <= 1, "must be in [0, 1]"),
@@ -155,6 +156,17 @@ def get_preset(name: str) -> Recipe:
         raise HRankError(f"unknown recipe {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def number_from_text(value: Any) -> Any:
+    """``value`` as a float when it is a string holding a plain decimal number (YAML 1.1, which PyYAML reads,
+    takes ``1e-3`` for a string: it wants ``1.0e-3``); anything else unchanged."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value.strip())
+    return value
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Check and convert one value to the field's type; errors name the key and where it came from."""
     kind = _FIELDS[key].type
@@ -170,6 +182,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise bad("an integer")
         return value
     if kind in ("float", float):
+        value = number_from_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)

@@ -36,7 +36,15 @@ from hrank.data import Normalization, Split, load_batch_files
 from hrank.datasets import DataOptions, DataSplits
 from hrank.distributed import barrier, broadcast, init_distributed, on_main
 from hrank.errors import HRankError
-from hrank.io import FreshOutput, atomic_save_with, atomic_write_json, atomic_write_text, check_writable, read_json
+from hrank.io import (
+    FreshOutput,
+    atomic_save_with,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    holds_anything,
+    read_json,
+)
 from hrank.plan import Plan
 from hrank.profile import compare_latency, state_dict_bytes
 from hrank.ranks import Ranks
@@ -228,7 +236,7 @@ class Run:
             if self._changed and not self.force:
                 raise HRankError(f"{self.dir} holds a run with a different config (changed: "
                                  f"{', '.join(self._changed)}); use another --out or --force to rerun what changed")
-        elif self.dir.is_dir() and any(self.dir.iterdir()) and not self.force:
+        elif holds_anything(self.dir) and not self.force:
             raise HRankError(f"{self.dir} exists and is not an hrank run directory; use another --out or --force")
         if state_path.exists():
             state = read_json(state_path, "stage record")
@@ -406,7 +414,8 @@ class Run:
                               progress=self.progress, printer=self.print)
             source = f"trained here ({recipe.name}, {recipe.epochs} epochs)"
         model = model.cpu().eval()
-        info = {"source": source, "normalization": norm.to_json(), **self._metrics(model, norm)}
+        info = {"source": source, "normalization": norm.to_json(), **self._metrics(model, norm),
+                "evaluated_with": self._test_inputs()}
         info.update(self._profile(model))
 
         def write() -> None:
@@ -528,11 +537,20 @@ class Run:
 
         self._write(write)
 
+    def _test_inputs(self) -> list:
+        """What the test metrics were computed on: the test subset and the lossless test file."""
+        return [self.cfg["test_subset"], _file_id(self.cfg["lossless_test"])]
+
     def _evaluate(self) -> None:
         model, meta = load_model(self.dir / "model.pt")
         norm = Normalization.get(meta["normalization"])
         info = self._metrics(model, norm)
         info.update(self._profile(model))
+        if self._read("baseline.json").get("evaluated_with") != self._test_inputs():
+            # the test subset or the lossless file changed since the baseline was measured (--force keeps the
+            # earlier stages): measure the baseline again on what the final model is measured on
+            baseline, base_norm = self._baseline_model()
+            info["baseline_test"] = self._metrics(baseline, base_norm, splits=("test", "lossless"))
 
         def latency_and_write() -> None:
             if self.cfg["latency"]:
@@ -576,6 +594,9 @@ class Run:
         """Everything the report shows, gathered from the stage artefacts (also written as summary.json)."""
         c = self.cfg
         base, prune, final = self._read("baseline.json"), self._read("prune.json"), self._read("final.json")
+        if isinstance(final.get("baseline_test"), dict):  # measured again on the final model's test inputs
+            base = {k: v for k, v in base.items() if not k.startswith(("test_", "lossless_"))}
+            base.update(final["baseline_test"])
         spec_info, ft = self._read("spec.json"), self._read("finetune.json")
         plan = Plan.load(self.dir / "plan.json")
         scores = Ranks.load(self.dir / "scores.npz")

@@ -46,6 +46,12 @@ def num_pruned(rate: float, channels: int) -> int:
 # HRank list syntax: expr := term ('+' term)* ; term := [INT '*'] list ('*' INT)* ; list := '[' num (',' num)* ']'
 # --------------------------------------------------------------------------------------------------------
 
+
+def _is_digit(c: str) -> bool:
+    """An ASCII digit (``str.isdigit`` also takes superscripts such as "²", which int() and float() refuse)."""
+    return "0" <= c <= "9" and len(c) == 1
+
+
 class _Parser:
     """Recursive-descent parser over the raw string; every error names its 1-based column."""
 
@@ -84,11 +90,11 @@ class _Parser:
         if i < len(t) and t[i] in "+-":
             i += 1
         digits = 0
-        while i < len(t) and t[i].isdigit():
+        while i < len(t) and _is_digit(t[i]):
             i, digits = i + 1, digits + 1
         if i < len(t) and t[i] == ".":
             i += 1
-            while i < len(t) and t[i].isdigit():
+            while i < len(t) and _is_digit(t[i]):
                 i, digits = i + 1, digits + 1
         if digits == 0:
             raise self.error(f"expected a number, {self.found()}")
@@ -96,8 +102,8 @@ class _Parser:
             j = i + 1
             if j < len(t) and t[j] in "+-":
                 j += 1
-            if j < len(t) and t[j].isdigit():
-                while j < len(t) and t[j].isdigit():
+            if j < len(t) and _is_digit(t[j]):
+                while j < len(t) and _is_digit(t[j]):
                     j += 1
                 i = j
         self.pos = i
@@ -107,7 +113,7 @@ class _Parser:
         """A repeat count, at most ``max_entries + 1`` (larger counts are clipped: the bound is exceeded anyway)."""
         self.skip_ws()
         start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos].isdigit():
+        while self.pos < len(self.text) and _is_digit(self.text[self.pos]):
             self.pos += 1
         if self.pos == start:
             raise self.error(f"expected a repeat count (a whole number), {self.found()}")
@@ -140,7 +146,7 @@ class _Parser:
         """One ``[...]*n`` term, expanded only after ``before + len * n`` is checked against the bound."""
         start = self.pos
         count = 1
-        if self.peek().isdigit():  # 35*[0.6], as Python allows
+        if _is_digit(self.peek()):  # 35*[0.6], as Python allows
             count = self.integer()
             self.expect("*")
         if self.peek() != "[":

@@ -53,7 +53,7 @@ from hrank.distributed import DistInfo, init_distributed
 from hrank.distributed import all_reduce as _all_reduce
 from hrank.distributed import barrier as _barrier
 from hrank.errors import HRankError
-from hrank.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_file
+from hrank.io import _error_line, atomic_torch_save, atomic_write_json, atomic_write_text, load_torch_file
 from hrank.modelcopy import copy_model
 from hrank.prune import enforce_masks
 from hrank.recipes import Recipe
@@ -199,8 +199,13 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     try:
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                out = model(x)
+            try:
+                with _autocast(device, amp):
+                    out = model(x)
+            except HRankError:
+                raise
+            except Exception as e:  # the model cannot take these images: one line, not a traceback
+                raise HRankError(f"model failed on images of shape {tuple(x.shape)} ({_error_line(e)})") from None
             out = out.float()
             c = num_classes or out.shape[1]
             if totals is None:

@@ -95,6 +95,26 @@ def test_force_reruns_only_what_changed(finished, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_force_with_another_test_subset_measures_the_baseline_on_it_too(finished, tmp_path):
+    import shutil
+
+    root, data, _, _ = finished
+    out = tmp_path / "copy"
+    shutil.copytree(root / "out", out)
+    logs: list[str] = []
+    summary = run(_cfg(data, test_subset=8, export=[]), out, force=True, progress=False, printer=logs.append)
+    skipped = [line.split("]")[0][1:] for line in logs if "skipped" in line]
+    assert skipped == ["baseline", "scores", "spec", "plan", "prune", "finetune"]
+    # the headline compares the two models on the same 8 images: the baseline's number is measured again
+    model, meta = hrank.load(out / "baseline.pt")
+    norm = meta["normalization"]
+    images, labels = read_cifar_batch(data / "cifar-10-batches-py" / "test_batch")
+    top1, _ = own_accuracy(model, images[:8], labels[:8], norm["mean"], norm["std"])
+    assert abs(summary["stages"][0]["test_top1"] - top1) <= 1e-9
+    assert f"test top-1 {top1:.2f}% ->" in summary["headline"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_budget_and_l1_criterion(tiny_cifar, tmp_path):
     cfg = _cfg(tiny_cifar, compress_rate=None, target_macs=0.6, criterion="l1", export=[], latency=False)
     logs: list[str] = []

@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """An error message on one line: line breaks (from a path, a file's text) are shown escaped."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hrank`` script; user errors print one line and return 2."""
     parser = build_parser()
@@ -39,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HRankError as e:
-        print(f"hrank: error: {e}", file=sys.stderr)
+        print(f"hrank: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system said no after the up-front checks (a race, a full disk): still one line
         where = f": {e.filename}" if e.filename else ""
-        print(f"hrank: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"hrank: error: {_one_line(f'{e.strerror or e}{where}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hrank: interrupted", file=sys.stderr)

@@ -29,8 +29,9 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type`` for whole numbers >= ``low``, so a bad value fails before any work starts."""
+def int_at_least(low: int, high: int = (1 << 63) - 1) -> Callable[[str], int]:
+    """An argparse ``type`` for whole numbers in [``low``, ``high``] (by default what a 64-bit seed or count
+    holds), so a bad value fails before any work starts."""
 
     def parse(text: str) -> int:
         try:
@@ -39,6 +40,8 @@ def int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
 
     parse.__name__ = f"integer >= {low}"
@@ -58,6 +61,7 @@ def finite_float(text: str) -> float:
 
 NONNEG_INT = int_at_least(0)
 POSITIVE_INT = int_at_least(1)
+NUM_CLASSES = int_at_least(1, 1_000_000)  # the largest classifier hrank builds (models.MAX_CLASSES)
 
 
 def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "cifar10") -> None:

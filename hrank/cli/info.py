@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from hrank import flops, models
-from hrank.cli.common import POSITIVE_INT, format_table
+from hrank.cli.common import NUM_CLASSES, format_table
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "(a file, or a directory holding model.pt, e.g. the output of hrank prune).")
     p.add_argument("--model", required=True,
                    help=f"architecture name ({', '.join(models.names())}), or a saved model file/directory")
-    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width (default: the arch's)")
+    p.add_argument("--num-classes", type=NUM_CLASSES, default=None, help="classifier width (default: the arch's)")
     p.set_defaults(func=run)
 
 

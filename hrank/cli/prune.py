@@ -18,7 +18,15 @@ from torch import nn
 
 from hrank import config, criteria, datasets, flops, models, pipeline
 from hrank.checkpoint import save
-from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_device_arg, finite_float, format_table, resolve_device
+from hrank.cli.common import (
+    NONNEG_INT,
+    NUM_CLASSES,
+    POSITIVE_INT,
+    add_device_arg,
+    finite_float,
+    format_table,
+    resolve_device,
+)
 from hrank.datasets import DataOptions
 from hrank.errors import HRankError
 from hrank.io import FreshOutput, atomic_write_json, check_output
@@ -39,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True,
                    help=f"the model: a registry name ({', '.join(models.names())}), torchvision:NAME, timm:NAME or "
                         "package.module:factory")
-    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width (default: the arch's)")
+    p.add_argument("--num-classes", type=NUM_CLASSES, default=None, help="classifier width (default: the arch's)")
     p.add_argument("--checkpoint", default=None,
                    help="weights of the unpruned model (any state_dict checkpoint, or a file from hrank.save)")
     src = p.add_argument_group("what to prune (ranks + rates, or a plan)")
@@ -186,6 +194,7 @@ def _check_data(args: argparse.Namespace) -> None:
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    out = out.resolve()  # "." and ".." have no name to rename beside
     if out.exists():
         if not force:  # checked at the start too; someone may have created it meanwhile
             raise HRankError(f"output directory {out} already exists (use --force to overwrite)")

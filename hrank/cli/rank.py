@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from hrank import datasets, models, pipeline
-from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_data_args, add_device_arg, format_table
+from hrank.cli.common import NONNEG_INT, NUM_CLASSES, POSITIVE_INT, add_data_args, add_device_arg, format_table
 from hrank.data import NORMALIZATIONS
 from hrank.datasets import DataOptions
 from hrank.distributed import DistInfo, init_distributed, process_group_scope
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True,
                    help=f"the model: a registry name ({', '.join(models.names())}), torchvision:NAME, timm:NAME or "
                         "package.module:factory")
-    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width (default: the arch's)")
+    p.add_argument("--num-classes", type=NUM_CLASSES, default=None, help="classifier width (default: the arch's)")
     p.add_argument("--checkpoint", help="trained weights (.pt/.th state_dict); required unless --official")
     p.add_argument("--official", metavar="DIR", help="import an official HRank rank_conv/<arch> folder instead")
     p.add_argument("--out", required=True, help="output ranks file (.npz)")

@@ -13,12 +13,28 @@ from typing import Any
 import torch
 
 from hrank import datasets, models, pipeline, recipes
-from hrank.cli.common import NONNEG_INT, POSITIVE_INT, add_data_args, add_device_arg, format_table, resolve_device
+from hrank.cli.common import (
+    NONNEG_INT,
+    NUM_CLASSES,
+    POSITIVE_INT,
+    add_data_args,
+    add_device_arg,
+    format_table,
+    resolve_device,
+)
 from hrank.data import Normalization, load_batch_files
 from hrank.datasets import DataOptions
 from hrank.distributed import init_distributed, process_group_scope
 from hrank.errors import HRankError
-from hrank.io import FreshOutput, atomic_write_json, check_output, check_writable, prepare_output, read_json
+from hrank.io import (
+    FreshOutput,
+    atomic_write_json,
+    check_output,
+    check_writable,
+    holds_anything,
+    prepare_output,
+    read_json,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "'scratch' by default), selecting the best epoch on a validation split "
                                    "carved from the training set; evaluate it on the test set.")
     p.add_argument("--model", required=True, help=f"architecture ({', '.join(models.names())})")
-    p.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width (default: the dataset's)")
+    p.add_argument("--num-classes", type=NUM_CLASSES, default=None, help="classifier width (default: the dataset's)")
     _add_run_args(p, default_recipe="scratch")
     p.set_defaults(func=run_train)
 
@@ -78,7 +94,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
                                                  "module:factory that file was built from (hrank never imports "
                                                  "code a file names)")
     g.add_argument("--checkpoint", default=None, help="weights for --model (any state_dict checkpoint)")
-    g.add_argument("--num-classes", type=POSITIVE_INT, default=None, help="classifier width for --model")
+    g.add_argument("--num-classes", type=NUM_CLASSES, default=None, help="classifier width for --model")
 
 
 def _add_run_args(p: argparse.ArgumentParser, default_recipe: str) -> None:
@@ -149,7 +165,7 @@ def _check_out(args: argparse.Namespace) -> Path:
         raise HRankError("--resume and --force contradict each other (continue the run, or delete it)")
     if out.exists() and not out.is_dir():
         raise HRankError(f"--out {out} is a file, expected a directory")
-    if out.exists() and any(out.iterdir()):
+    if holds_anything(out):
         if args.resume:
             _check_run_dir(out)
         elif not args.force:

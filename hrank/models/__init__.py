@@ -85,6 +85,8 @@ def get_spec(ref: str) -> ArchSpec:
                      f"package.module:factory)")
 
 
+MAX_CLASSES = 1_000_000  # a classifier wider than this is a typo, and its weights would not fit in memory
+
 # ``module:factory`` references this process was given by its user (a flag, a config, an API call), as opposed to
 # read from a file: a file may name one of these, never new code to import (see :func:`create`).
 _NAMED_BY_USER: set[str] = set()
@@ -113,6 +115,8 @@ def create(ref: str, num_classes: int | None = None, *, from_file: bool = False)
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise HRankError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        if num_classes > MAX_CLASSES:
+            raise HRankError(f"num_classes must be at most {MAX_CLASSES:,}, got {num_classes:,}")
         num_classes = int(num_classes)
     if isinstance(ref, str) and external.is_external(ref):
         model = external.build(ref, num_classes)
