@@ -31,7 +31,7 @@ from torch import nn
 from hrank import __version__, models
 from hrank.data import Normalization
 from hrank.errors import HRankError
-from hrank.io import atomic_torch_save, load_torch_file
+from hrank.io import atomic_torch_save, describe_json, load_torch_file
 
 __all__ = ["save", "load", "model_record", "build_from_record", "read_record", "load_state", "state_metadata", "FORMAT"]
 
@@ -136,15 +136,6 @@ def model_record(model: nn.Module, *, plan: Any = None, arch: str | None = None,
     return record
 
 
-def _what(v: Any) -> str:
-    """A JSON value for an error message: itself when short, else its kind."""
-    if v is None or isinstance(v, bool):
-        return json.dumps(v)
-    if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) <= 40):
-        return repr(v)
-    return {str: "a long string", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -155,10 +146,10 @@ def _check_record(record: Any, where: str = "") -> None:
     at = f"{where}: " if where else ""
     bad = f"{at}damaged model record:"
     if not isinstance(record, Mapping):
-        raise HRankError(f"{bad} it is {_what(record)}, not an object")
+        raise HRankError(f"{bad} it is {describe_json(record)}, not an object")
     version = record.get("version", 0)
     if not isinstance(version, int) or isinstance(version, bool):
-        raise HRankError(f"{bad} version must be an integer, got {_what(version)}")
+        raise HRankError(f"{bad} version must be an integer, got {describe_json(version)}")
     if version > VERSION:
         raise HRankError(f"{at}model record version {version} is newer than this hrank supports")
     norm = record.get("normalization")
@@ -169,21 +160,21 @@ def _check_record(record: Any, where: str = "") -> None:
             raise HRankError(f"{bad} normalization needs mean and std, lists of finite numbers of the same length "
                              "(std > 0)")
         if not isinstance(norm.get("name", "custom"), str):
-            raise HRankError(f"{bad} the normalization's name must be a string, got {_what(norm.get('name'))}")
+            raise HRankError(f"{bad} the normalization's name must be a string, got {describe_json(norm.get('name'))}")
     elif norm is not None and not isinstance(norm, str):
-        raise HRankError(f"{bad} normalization must be an object, a preset name or null, got {_what(norm)}")
+        raise HRankError(f"{bad} normalization must be an object, a preset name or null, got {describe_json(norm)}")
     meta = record.get("state_metadata")
     if meta is not None:
         if not isinstance(meta, Mapping):
-            raise HRankError(f"{bad} state_metadata must be an object, got {_what(meta)}")
+            raise HRankError(f"{bad} state_metadata must be an object, got {describe_json(meta)}")
         for prefix, entry in meta.items():
             if not isinstance(prefix, str) or not isinstance(entry, Mapping) or not all(
                     isinstance(k, str) and isinstance(v, _PLAIN) for k, v in entry.items()):
-                raise HRankError(f"{bad} state_metadata[{_what(prefix)}] must be an object of plain values, "
-                                 f"got {_what(entry)}")
+                raise HRankError(f"{bad} state_metadata[{describe_json(prefix)}] must be an object of plain values, "
+                                 f"got {describe_json(entry)}")
     plan = record.get("plan")
     if plan is not None and not isinstance(plan, Mapping):
-        raise HRankError(f"{bad} plan must be an object or null, got {_what(plan)}")
+        raise HRankError(f"{bad} plan must be an object or null, got {describe_json(plan)}")
 
 
 def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module] | None = None) -> nn.Module:

@@ -192,6 +192,15 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+def describe_json(v: Any) -> str:
+    """A JSON value for an error message about a damaged file: the value itself when short, else its kind."""
+    if v is None or isinstance(v, bool):
+        return json.dumps(v)
+    if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) <= 40):
+        return repr(v)
+    return {str: "a long string", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
+
+
 def _error_line(e: BaseException) -> str:
     """An exception as one line, its type first (``RuntimeError: ...``), for messages that wrap it."""
     text = str(e).strip()

@@ -38,7 +38,7 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from hrank import __version__, models
 from hrank.errors import HRankError
-from hrank.io import _error_line, atomic_write_json
+from hrank.io import _error_line, atomic_write_json, describe_json
 from hrank.layers import CONV_TYPES, HRANK_TENSOR_PREFIX, conv_names, is_conv, is_grouped
 from hrank.models.base import ChannelPadShortcut
 from hrank.spec import Spec, num_pruned
@@ -973,7 +973,7 @@ class Plan:
             raise HRankError("not an hrank plan (missing format: hrank.plan)")
         version = d.get("version", 0)
         if not isinstance(version, int) or isinstance(version, bool):
-            raise HRankError(f"malformed plan: version must be an integer, got {_short(version)}")
+            raise HRankError(f"malformed plan: version must be an integer, got {describe_json(version)}")
         if version > PLAN_VERSION:
             raise HRankError(f"plan format version {version} is newer than this hrank supports "
                              f"({PLAN_VERSION})")
@@ -1036,18 +1036,9 @@ _MAX_INPUT_DIM = 65536  # per dimension of a plan's input_size
 _MAX_INPUT_ELEMS = 2 ** 28  # one example input of this many float32 elements is 1 GiB
 
 
-def _short(v: Any) -> str:
-    """A JSON value for an error message: itself when short, else its kind."""
-    if v is None or isinstance(v, bool):
-        return json.dumps(v)
-    if isinstance(v, (int, float)) or (isinstance(v, str) and len(v) <= 40):
-        return repr(v)
-    return {str: "a long string", list: "a list", dict: "an object"}.get(type(v), type(v).__name__)
-
-
 def _input_size(v: Any) -> list[int]:
     """A plan's ``input_size``: a short list of positive integers whose example input fits in memory."""
-    what = f"malformed plan: input_size must be a list of positive integers (e.g. [3, 32, 32]), got {_short(v)}"
+    what = f"malformed plan: input_size must be a list of positive integers (e.g. [3, 32, 32]), got {describe_json(v)}"
     if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 8:
         raise HRankError(what)
     dims = []
@@ -1057,7 +1048,7 @@ def _input_size(v: Any) -> list[int]:
         if isinstance(x, np.integer):
             x = int(x)
         if not isinstance(x, int) or isinstance(x, bool) or x < 1:
-            raise HRankError(f"malformed plan: input_size must be a list of positive integers, got {_short(x)} "
+            raise HRankError(f"malformed plan: input_size must be a list of positive integers, got {describe_json(x)} "
                              f"in it")
         dims.append(x)
     if max(dims) > _MAX_INPUT_DIM or math.prod(dims) > _MAX_INPUT_ELEMS:

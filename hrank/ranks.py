@@ -39,7 +39,7 @@ from hrank import models
 from hrank.chip import CHIP_METHODS, _chip_4d
 from hrank.data import ImageSet, Normalization, crop_flip, draw_augmentation, normalize
 from hrank.errors import HRankError
-from hrank.io import _error_line, atomic_save_with, require_file
+from hrank.io import _error_line, atomic_save_with, describe_json, require_file
 from hrank.layers import is_conv
 from hrank.models.base import RankPoint
 
@@ -1204,23 +1204,6 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _json_what(v: Any) -> str:
-    """A short phrase for a JSON value in an error message: the value itself when short, else its kind."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return repr(v) if len(v) <= 40 else "a long string"
-    if isinstance(v, list):
-        return "a list"
-    if isinstance(v, dict):
-        return "an object"
-    return type(v).__name__
-
-
 def _is_point_json(p: Any) -> bool:
     """Whether ``p`` is a RankPoint as ``RankPoint.to_json`` writes it."""
     if not isinstance(p, dict) or not isinstance(p.get("module"), str):
@@ -1280,19 +1263,20 @@ class Ranks:
             with np.load(path, allow_pickle=False) as z:
                 header = json.loads(bytes(z["header"]).decode())
                 if not isinstance(header, dict):
-                    raise HRankError(f"{path}: damaged ranks file: its header is {_json_what(header)}, not an object")
+                    raise HRankError(f"{path}: damaged ranks file: its header is {describe_json(header)}, "
+                                     f"not an object")
                 if header.get("format") != _FORMAT:
                     raise KeyError("format")
                 version = header.get("version", 0)
                 if not _is_int(version):
                     raise HRankError(f"{path}: damaged ranks file: version must be an integer, got "
-                                     f"{_json_what(version)}")
+                                     f"{describe_json(version)}")
                 if version > _VERSION:
                     raise HRankError(f"{path} was written by a newer hrank (format version {version})")
                 convs = header.get("convs")
                 if not isinstance(convs, list) or not all(isinstance(c, str) for c in convs):
                     raise HRankError(f"{path}: damaged ranks file: convs must be a list of conv names, got "
-                                     f"{_json_what(convs)}")
+                                     f"{describe_json(convs)}")
                 raw = {c: z[f"s{i}"] for i, c in enumerate(convs)}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError):
             raise HRankError(not_ranks) from None
@@ -1308,7 +1292,7 @@ class Ranks:
             num_images = int(num_images)
         if not _is_int(num_images) or num_images < 0:  # 0: weight criteria (hrank.criteria) use no images
             raise HRankError(f"{path}: damaged ranks file: num_images must be a non-negative integer, got "
-                             f"{_json_what(num_images)}")
+                             f"{describe_json(num_images)}")
         spatial = header.get("spatial", {})
         if not isinstance(spatial, dict) or not all(
                 isinstance(v, list) and len(v) == 2 and all(_is_int(n) and n >= 0 for n in v)
@@ -1318,23 +1302,24 @@ class Ranks:
         raw_points = header.get("points", {})
         if not isinstance(raw_points, dict):
             raise HRankError(f"{path}: damaged ranks file: points must map each conv to its rank point, got "
-                             f"{_json_what(raw_points)}")
+                             f"{describe_json(raw_points)}")
         for c, p in raw_points.items():
             if not _is_point_json(p):
                 raise HRankError(f"{path}: damaged ranks file: the rank point of {c} is malformed (expected "
-                                 f"{{\"module\": name, \"channels\": [lo, hi] or null, ...}}), got {_json_what(p)}")
+                                 f"{{\"module\": name, \"channels\": [lo, hi] or null, ...}}), got {describe_json(p)}")
             points[c] = RankPoint.from_json(p)
         fingerprint, arch, meta = header.get("fingerprint", ""), header.get("arch"), header.get("meta", {})
         if fingerprint is not None and not isinstance(fingerprint, str):
-            raise HRankError(f"{path}: damaged ranks file: fingerprint must be a string, got {_json_what(fingerprint)}")
+            raise HRankError(f"{path}: damaged ranks file: fingerprint must be a string, got "
+                             f"{describe_json(fingerprint)}")
         if arch is not None and not isinstance(arch, str):
-            raise HRankError(f"{path}: damaged ranks file: arch must be a string or null, got {_json_what(arch)}")
+            raise HRankError(f"{path}: damaged ranks file: arch must be a string or null, got {describe_json(arch)}")
         if not isinstance(meta, dict):
-            raise HRankError(f"{path}: damaged ranks file: meta must be an object, got {_json_what(meta)}")
+            raise HRankError(f"{path}: damaged ranks file: meta must be an object, got {describe_json(meta)}")
         ranked = meta.get("model_convs")
         if ranked is not None and not (isinstance(ranked, dict) and all(_is_int(n) for n in ranked.values())):
             raise HRankError(f"{path}: damaged ranks file: meta.model_convs must map conv names to filter counts, "
-                             f"got {_json_what(ranked)}")
+                             f"got {describe_json(ranked)}")
         ranks = cls(scores, num_images, {c: (v[0], v[1]) for c, v in spatial.items()}, points, fingerprint, arch,
                     meta)
         if model is not None:
