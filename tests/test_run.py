@@ -80,30 +80,29 @@ def test_rerun_skips_done_stages_and_refuses_other_configs(finished):
         run(_cfg(data, compress_rate="[0.5]*19"), root / "out", progress=False, printer=logs.append)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_force_reruns_only_what_changed(finished, tmp_path):
+def _rerun_forced(finished, tmp_path, **changes):
+    """The finished run copied, then rerun with --force and ``changes``: (summary, stages skipped, directory)."""
     import shutil
 
     root, data, _, _ = finished
     out = tmp_path / "copy"
     shutil.copytree(root / "out", out)
     logs: list[str] = []
-    summary = run(_cfg(data, compress_rate="[0.5]*19"), out, force=True, progress=False, printer=logs.append)
-    skipped = [line.split("]")[0][1:] for line in logs if "skipped" in line]
+    summary = run(_cfg(data, **changes), out, force=True, progress=False, printer=logs.append)
+    return summary, [line.split("]")[0][1:] for line in logs if "skipped" in line], out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_force_reruns_only_what_changed(finished, tmp_path):
+    summary, skipped, _ = _rerun_forced(finished, tmp_path, compress_rate="[0.5]*19")
     assert skipped == ["baseline", "scores"]
     assert {row["name"]: row["after"] for row in summary["layers"]}["layer1.0.conv1"] == 8
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_force_with_another_test_subset_measures_the_baseline_on_it_too(finished, tmp_path):
-    import shutil
-
-    root, data, _, _ = finished
-    out = tmp_path / "copy"
-    shutil.copytree(root / "out", out)
-    logs: list[str] = []
-    summary = run(_cfg(data, test_subset=8, export=[]), out, force=True, progress=False, printer=logs.append)
-    skipped = [line.split("]")[0][1:] for line in logs if "skipped" in line]
+    summary, skipped, out = _rerun_forced(finished, tmp_path, test_subset=8, export=[])
+    data = finished[1]
     assert skipped == ["baseline", "scores", "spec", "plan", "prune", "finetune"]
     # the headline compares the two models on the same 8 images: the baseline's number is measured again
     model, meta = hrank.load(out / "baseline.pt")
