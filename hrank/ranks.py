@@ -1376,7 +1376,11 @@ class Ranks:
                 raise HRankError(f"{path} holds {what}, not real numbers: it is not an official rank file")
             if values.ndim != 1 or len(values) != have[conv]:
                 raise HRankError(f"{path} has {values.shape} values, {conv} of {arch} has {have[conv]} filters")
-            scores[conv] = values.astype(np.float64)
+            values = values.astype(np.float64)
+            if not np.isfinite(values).all():
+                raise HRankError(f"{path} holds values that are not finite (NaN or inf): it is not an official rank "
+                                 f"file (ranks are counts)")
+            scores[conv] = values
         points = models.rank_points(model)
         spatial = _point_spatial(model, {c: points[c] for c in scores})
         # The shipped files average 6 batches of 128 images (reference README, "surprises" 1).

@@ -74,9 +74,10 @@ def test_good_ranks_file_still_loads(tmp_path):
     assert Ranks.load(tmp_path / "w.npz").num_images == 0
 
 
-# --- 2. Ranks.from_official: empty and text .npy files ---
+# --- 2. Ranks.from_official: empty, text and non-finite .npy files ---
 
-@pytest.mark.parametrize("content, what", [(None, "empty or truncated"), (np.array(["x"] * 64), "text")])
+@pytest.mark.parametrize("content, what", [(None, "empty or truncated"), (np.array(["x"] * 64), "text"),
+                                           (np.full(64, np.nan), "not finite")])
 def test_damaged_official_rank_file_is_one_line(tmp_path, content, what):
     path = tmp_path / "rank_conv1.npy"
     if content is None:
