@@ -147,20 +147,20 @@ class _CostModel:
         index = {}
         for layer in base.layers:
             m = modules[layer.name]
+            conv = isinstance(m, nn.modules.conv._ConvNd)
+            cin, cout, blocks = ((m.in_channels, m.out_channels, m.groups) if conv
+                                 else (m.in_features, m.out_features, 1))
+            per_macs = layer.macs // (cin // blocks * cout)  # kernel x positions (a linear: positions)
             if m in index:  # a layer called again (shared weights): its MACs per channel pair add up, params do not
-                entry = self.layers[index[m]]
-                entry[2] += layer.macs // ((entry[0] // entry[6]) * entry[1])
+                self.layers[index[m]][2] += per_macs
                 continue
-            if isinstance(m, nn.modules.conv._ConvNd):
+            if conv:
                 kk = m.kernel_size[0] * m.kernel_size[1]
-                per_macs = layer.macs // (m.in_channels // m.groups * m.out_channels)  # kernel x positions
-                depthwise = is_depthwise(m)
                 per_out = int(m.bias is not None) + sum(t.numel() // m.out_channels for t in
                                                         per_filter_extras(m).values() if isinstance(t, nn.Parameter))
-                self.layers.append([m.in_channels, m.out_channels, per_macs, kk, per_out, depthwise, m.groups])
+                self.layers.append([cin, cout, per_macs, kk, per_out, is_depthwise(m), blocks])
             else:
-                positions = layer.macs // (m.in_features * m.out_features)
-                self.layers.append([m.in_features, m.out_features, positions, 1, int(m.bias is not None), False, 1])
+                self.layers.append([cin, cout, per_macs, 1, int(m.bias is not None), False, 1])
             index[m] = len(self.layers) - 1
         counted = sum(sum(p.numel() for p in m.parameters(recurse=False)) for m in index)
         self.other_params = base.params - counted

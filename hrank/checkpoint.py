@@ -17,8 +17,6 @@ were saved with. Files written before it existed load as before (without version
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -31,7 +29,7 @@ from torch import nn
 from hrank import __version__, models
 from hrank.data import Normalization
 from hrank.errors import HRankError
-from hrank.io import atomic_torch_save, describe_json, load_torch_file
+from hrank.io import atomic_torch_save, describe_json, is_json_int, load_torch_file
 
 __all__ = ["save", "load", "model_record", "build_from_record", "read_record", "load_state", "state_metadata", "FORMAT"]
 
@@ -136,10 +134,6 @@ def model_record(model: nn.Module, *, plan: Any = None, arch: str | None = None,
     return record
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_record(record: Any, where: str = "") -> None:
     """One-line errors for a record (``where``: its file, if known) that is newer than this hrank or damaged: the
     fields hrank reads must have their types, so that nothing fails later with a traceback or is read wrongly."""
@@ -148,17 +142,16 @@ def _check_record(record: Any, where: str = "") -> None:
     if not isinstance(record, Mapping):
         raise HRankError(f"{bad} it is {describe_json(record)}, not an object")
     version = record.get("version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not is_json_int(version):
         raise HRankError(f"{bad} version must be an integer, got {describe_json(version)}")
     if version > VERSION:
         raise HRankError(f"{at}model record version {version} is newer than this hrank supports")
     norm = record.get("normalization")
     if isinstance(norm, Mapping):
-        mean, std = norm.get("mean"), norm.get("std")
-        if not (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and mean and len(mean) == len(std)
-                and all(_is_number(m) for m in mean) and all(_is_number(x) and x > 0 for x in std)):
-            raise HRankError(f"{bad} normalization needs mean and std, lists of finite numbers of the same length "
-                             "(std > 0)")
+        try:
+            Normalization.get(dict(norm))
+        except HRankError as e:
+            raise HRankError(f"{bad} {e}") from None
         if not isinstance(norm.get("name", "custom"), str):
             raise HRankError(f"{bad} the normalization's name must be a string, got {describe_json(norm.get('name'))}")
     elif norm is not None and not isinstance(norm, str):

@@ -8,6 +8,7 @@ extra).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import tarfile
@@ -31,8 +32,14 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+def _is_mean_std(mean: Any, std: Any) -> bool:
+    """Per-channel mean and std: lists of the same (non-zero) length of finite numbers, every std > 0."""
+    def finite(v: Any) -> bool:
+        return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+                and math.isfinite(v))
+
+    return (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and len(mean) == len(std) > 0
+            and all(finite(v) for v in mean) and all(finite(v) and v > 0 for v in std))
 
 
 @dataclass(frozen=True)
@@ -50,9 +57,9 @@ class Normalization:
             return name_or_obj
         if isinstance(name_or_obj, dict):
             mean, std = name_or_obj.get("mean"), name_or_obj.get("std")
-            if not (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and mean
-                    and len(mean) == len(std) and all(_is_real(v) for v in (*mean, *std))):
-                raise HRankError("a normalization needs mean and std: lists of numbers of the same length")
+            if not _is_mean_std(mean, std):
+                raise HRankError("a normalization needs mean and std: lists of finite numbers of the same length "
+                                 "(std > 0)")
             return Normalization(tuple(mean), tuple(std), name_or_obj.get("name", "custom"))
         name = name_or_obj or "cifar"
         if name not in NORMALIZATIONS:

@@ -192,6 +192,16 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+def is_json_int(v: Any) -> bool:
+    """An integer read from JSON or YAML (not a boolean, which Python counts as one)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_json_number(v: Any) -> bool:
+    """A number read from JSON or YAML (not a boolean)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def describe_json(v: Any) -> str:
     """A JSON value for an error message about a damaged file: the value itself when short, else its kind."""
     if v is None or isinstance(v, bool):

@@ -38,7 +38,7 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from hrank import __version__, models
 from hrank.errors import HRankError
-from hrank.io import _error_line, atomic_write_json, describe_json
+from hrank.io import _error_line, atomic_write_json, describe_json, is_json_int
 from hrank.layers import CONV_TYPES, HRANK_TENSOR_PREFIX, conv_names, is_conv, is_grouped
 from hrank.models.base import ChannelPadShortcut
 from hrank.spec import Spec, num_pruned
@@ -225,7 +225,7 @@ def _channel_splitting_views(graph: tp.DependencyGraph, seen: Mapping[Any, tuple
         if record is None or not record[1]:
             continue
         before, after = record[1][0], record[2]
-        if len(after) > len(before) >= 2 and len(after) >= 2 and after[1] != before[1]:
+        if len(after) > len(before) >= 2 and after[1] != before[1]:
             out.add(node)
     return out
 
@@ -972,7 +972,7 @@ class Plan:
         if not isinstance(d, Mapping) or d.get("format") != PLAN_FORMAT:
             raise HRankError("not an hrank plan (missing format: hrank.plan)")
         version = d.get("version", 0)
-        if not isinstance(version, int) or isinstance(version, bool):
+        if not is_json_int(version):
             raise HRankError(f"malformed plan: version must be an integer, got {describe_json(version)}")
         if version > PLAN_VERSION:
             raise HRankError(f"plan format version {version} is newer than this hrank supports "
@@ -1047,7 +1047,7 @@ def _input_size(v: Any) -> list[int]:
             x = int(x)
         if isinstance(x, np.integer):
             x = int(x)
-        if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+        if not is_json_int(x) or x < 1:
             raise HRankError(f"malformed plan: input_size must be a list of positive integers, got {describe_json(x)} "
                              f"in it")
         dims.append(x)

@@ -39,7 +39,7 @@ from hrank import models
 from hrank.chip import CHIP_METHODS, _chip_4d
 from hrank.data import ImageSet, Normalization, crop_flip, draw_augmentation, normalize
 from hrank.errors import HRankError
-from hrank.io import _error_line, atomic_save_with, describe_json, require_file
+from hrank.io import _error_line, atomic_save_with, describe_json, is_json_int, require_file
 from hrank.layers import is_conv
 from hrank.models.base import RankPoint
 
@@ -488,12 +488,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> _Tracer:
     try:
         model.eval()
         with torch.no_grad(), tracer:
-            model(example)
-    except HRankError:
-        raise
-    except Exception as e:  # the model's own forward: one line, as for the first batch
-        raise HRankError(f"model failed on images of shape {tuple(example.shape)} ({_error_line(e)}); hrank "
-                         f"runs models that take one batch of images") from None
+            _forward_first(model, example)
     finally:
         for m, t in modes.items():
             m.training = t
@@ -937,7 +932,8 @@ def _shape_str(shape: Sequence[int]) -> str:
 
 
 def _forward_first(model: nn.Module, x: torch.Tensor) -> None:
-    """The first batch: a model that cannot take these images fails with one line, not a traceback."""
+    """The first batch (and the trace before it): a model that cannot take these images fails with one line,
+    not a traceback."""
     try:
         model(x)
     except HRankError:
@@ -1199,19 +1195,14 @@ def _model_convs(model: nn.Module) -> dict[str, int]:
     return {name: m.out_channels for name, m in model.named_modules() if is_conv(m)}
 
 
-def _is_int(v: Any) -> bool:
-    """A JSON integer (not a boolean)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_point_json(p: Any) -> bool:
     """Whether ``p`` is a RankPoint as ``RankPoint.to_json`` writes it."""
     if not isinstance(p, dict) or not isinstance(p.get("module"), str):
         return False
     ch, call, act = p.get("channels"), p.get("call"), p.get("act")
-    if ch is not None and not (isinstance(ch, list) and len(ch) == 2 and all(_is_int(n) and n >= 0 for n in ch)):
+    if ch is not None and not (isinstance(ch, list) and len(ch) == 2 and all(is_json_int(n) and n >= 0 for n in ch)):
         return False
-    return (call is None or (_is_int(call) and call >= 0)) and (act is None or isinstance(act, str))
+    return (call is None or (is_json_int(call) and call >= 0)) and (act is None or isinstance(act, str))
 
 
 _FORMAT = "hrank-ranks"
@@ -1268,7 +1259,7 @@ class Ranks:
                 if header.get("format") != _FORMAT:
                     raise KeyError("format")
                 version = header.get("version", 0)
-                if not _is_int(version):
+                if not is_json_int(version):
                     raise HRankError(f"{path}: damaged ranks file: version must be an integer, got "
                                      f"{describe_json(version)}")
                 if version > _VERSION:
@@ -1290,12 +1281,12 @@ class Ranks:
         num_images = header.get("num_images")
         if isinstance(num_images, float) and num_images.is_integer():
             num_images = int(num_images)
-        if not _is_int(num_images) or num_images < 0:  # 0: weight criteria (hrank.criteria) use no images
+        if not is_json_int(num_images) or num_images < 0:  # 0: weight criteria (hrank.criteria) use no images
             raise HRankError(f"{path}: damaged ranks file: num_images must be a non-negative integer, got "
                              f"{describe_json(num_images)}")
         spatial = header.get("spatial", {})
         if not isinstance(spatial, dict) or not all(
-                isinstance(v, list) and len(v) == 2 and all(_is_int(n) and n >= 0 for n in v)
+                isinstance(v, list) and len(v) == 2 and all(is_json_int(n) and n >= 0 for n in v)
                 for v in spatial.values()):
             raise HRankError(f"{path}: damaged ranks file: spatial must map each conv to its [H, W] map size")
         points: dict[str, RankPoint] = {}
@@ -1317,7 +1308,7 @@ class Ranks:
         if not isinstance(meta, dict):
             raise HRankError(f"{path}: damaged ranks file: meta must be an object, got {describe_json(meta)}")
         ranked = meta.get("model_convs")
-        if ranked is not None and not (isinstance(ranked, dict) and all(_is_int(n) for n in ranked.values())):
+        if ranked is not None and not (isinstance(ranked, dict) and all(is_json_int(n) for n in ranked.values())):
             raise HRankError(f"{path}: damaged ranks file: meta.model_convs must map conv names to filter counts, "
                              f"got {describe_json(ranked)}")
         ranks = cls(scores, num_images, {c: (v[0], v[1]) for c, v in spatial.items()}, points, fingerprint, arch,

@@ -17,7 +17,7 @@ import numpy as np
 
 from hrank.errors import HRankError
 from hrank.flops import format_count
-from hrank.io import atomic_save_with, atomic_write_text, read_json
+from hrank.io import atomic_save_with, atomic_write_text, is_json_number, read_json
 
 STAGE_COLUMNS = [  # (key, header, formatter); accuracies are percentages, as hrank.train.evaluate returns
     ("macs", "MACs", lambda v: format_count(v)),
@@ -244,12 +244,8 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> tupl
     return md_path, html_path
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _numbers(values: Any) -> bool:
-    return isinstance(values, list) and all(_is_number(v) for v in values)
+    return isinstance(values, list) and all(is_json_number(v) for v in values)
 
 
 def _summary_problem(summary: Any) -> str | None:
@@ -268,7 +264,7 @@ def _summary_problem(summary: Any) -> str | None:
     for i, stage in enumerate(summary["stages"]):
         if not isinstance(stage, dict) or not isinstance(stage.get("name"), str):
             return f"stages[{i}] is not a mapping with a name"
-        bad = [k for k, _, _ in STAGE_COLUMNS if stage.get(k) is not None and not _is_number(stage[k])]
+        bad = [k for k, _, _ in STAGE_COLUMNS if stage.get(k) is not None and not is_json_number(stage[k])]
         if bad:
             return f"stages[{i}].{bad[0]} is not a number"
     for i, layer in enumerate(summary.get("layers", [])):
@@ -278,7 +274,7 @@ def _summary_problem(summary: Any) -> str | None:
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (before, after)):
             return f"layers[{i}] has no channel counts 'before' and 'after'"
         for key in ("mean_rank_kept", "mean_rank_removed"):
-            if layer.get(key) is not None and not _is_number(layer[key]):
+            if layer.get(key) is not None and not is_json_number(layer[key]):
                 return f"layers[{i}].{key} is not a number"
         scores, kept = layer.get("scores"), layer.get("kept")
         if scores is not None and not _numbers(scores):
@@ -288,7 +284,7 @@ def _summary_problem(summary: Any) -> str | None:
                                                                     and 0 <= k < n for k in kept)):
             return f"layers[{i}].kept is not a list of channel indices below {n}"
     for i, row in enumerate(summary.get("curves", [])):
-        if not isinstance(row, dict) or not all(v is None or _is_number(v) for k, v in row.items()
+        if not isinstance(row, dict) or not all(v is None or is_json_number(v) for k, v in row.items()
                                                 if k in ("epoch", "train_loss", "val_loss", "train_top1",
                                                          "val_top1")):
             return f"curves[{i}] is not a mapping of numbers"
