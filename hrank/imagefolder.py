@@ -12,6 +12,7 @@ torchvision is imported lazily (``pip install 'hrank[vision]'``): importing hran
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -55,12 +56,13 @@ def list_classes(folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise HRankError(f"image folder not found: {folder} (expected ROOT/train/<class>/ and ROOT/val/<class>/)")
-    from torchvision.datasets.folder import find_classes
-
+    # torchvision's find_classes, less hidden folders (a stray .ipynb_checkpoints is not a class)
     try:
-        classes, _ = find_classes(str(folder))
-    except FileNotFoundError:
-        raise HRankError(f"{folder} holds no class folders (expected {folder}/<class>/<image files>)") from None
+        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    except OSError as e:
+        raise HRankError(f"cannot list {folder}: {e.strerror or type(e).__name__}") from None
+    if not classes:
+        raise HRankError(f"{folder} holds no class folders (expected {folder}/<class>/<image files>)")
     return classes
 
 
@@ -172,11 +174,42 @@ class FolderSplit:
 # -- decoding and transforms (run in the DataLoader workers) -------------------------------------------------
 
 _DECODER: Any = None
+_CXX_PREFIX = re.compile(r"^\w+, \S+\.cpp:\d+, ")  # "decode_image, /__w/.../decode_image.cpp:67, " in torchvision's
+
+
+def _to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """16-bit images (PNG, TIFF) to 8 bits by their high byte, as torchvision's ``to_dtype(scale=True)`` does:
+    hrank's normalization divides by 255, so a uint16 image would enter the network 257x too bright."""
+    if img.dtype == torch.uint8:
+        return img
+    if img.dtype == torch.uint16:
+        return (img.to(torch.int32) >> 8).to(torch.uint8)
+    raise HRankError(f"unexpected image dtype {img.dtype}")
+
+
+def _pil_decode(path: str) -> torch.Tensor:
+    """PIL for what torchvision's decoder does not read (BMP, TIFF, PPM/PGM: all in torchvision's
+    IMG_EXTENSIONS); 16-bit modes by their high byte (PIL's own convert("RGB") clips them to 255)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            a = np.asarray(im, dtype=np.int64)
+            a = np.clip(a >> 8, 0, 255).astype(np.uint8)
+            return torch.from_numpy(a)[None].expand(3, -1, -1).contiguous()
+        a = np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
+    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+
+
+def _first_line(e: BaseException) -> str:
+    line = _CXX_PREFIX.sub("", (str(e).strip().splitlines() or [""])[0]).strip()
+    return f"{type(e).__name__}{': ' + line[:160] if line else ''}"
 
 
 def _decode(path: str) -> torch.Tensor:
     """Decode a file to uint8 RGB (3, H, W): ``torchvision.io.decode_image`` (libjpeg-turbo; 1.4x PIL's speed
-    on 2026's 2-core VM, docs/benchmarks.md), or PIL where a torchvision no longer has it."""
+    on 2026's 2-core VM, docs/benchmarks.md) for JPEG/PNG/WebP, PIL for the formats it does not read (BMP,
+    TIFF, PPM/PGM) or where a torchvision no longer has it."""
     global _DECODER
     if _DECODER is None:
         try:
@@ -187,15 +220,20 @@ def _decode(path: str) -> torch.Tensor:
                                     DeprecationWarning)
             _DECODER = lambda p: decode_image(read_file(p), mode=ImageReadMode.RGB)  # noqa: E731
         except ImportError:
-            from PIL import Image
-            from torchvision.transforms.v2.functional import pil_to_tensor
-
-            def _pil(p: str) -> torch.Tensor:
-                with Image.open(p) as im:
-                    return pil_to_tensor(im.convert("RGB"))
-
-            _DECODER = _pil
-    return _DECODER(path)
+            _DECODER = _pil_decode
+    try:
+        return _to_uint8(_DECODER(path))
+    except Exception as first:
+        if _DECODER is _pil_decode:
+            raise
+        try:
+            return _to_uint8(_pil_decode(path))
+        except Exception as second:
+            if not os.path.isfile(path):
+                raise first from None
+            if "Unsupported image file" in str(first):  # torchvision cannot read the format: PIL's word counts
+                raise second from None
+            raise first from None
 
 
 class _Images(Dataset):
@@ -218,9 +256,10 @@ class _Images(Dataset):
         path = os.path.join(self.folder, os.fsdecode(self.files[index]))
         try:
             return _decode(path)
+        except HRankError:
+            raise
         except Exception as e:
-            line = (str(e).strip().splitlines() or [""])[0][:200]
-            raise HRankError(f"cannot decode image {path}: {type(e).__name__}{': ' + line if line else ''}") from None
+            raise HRankError(f"cannot decode image {path}: {_first_line(e)}") from None
 
     def transform(self, img: torch.Tensor, item_seed: int | None) -> torch.Tensor:
         if item_seed is None:

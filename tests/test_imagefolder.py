@@ -285,3 +285,58 @@ def test_real_cifar_images_round_trip(cifar_image_folder: Path) -> None:
         assert torch.equal(x[k].round().byte(), torch.from_numpy(data[i]))
     xs, ys = next(iter(train.train_batches(32, normalization="imagenet", device=CPU, seed=0)))
     assert xs.shape == (32, 3, 32, 32) and len(set(ys.tolist())) > 3
+
+
+def test_every_listed_format_decodes_to_the_same_uint8_pixels(tmp_path: Path) -> None:
+    """torchvision's IMG_EXTENSIONS lists BMP, TIFF, PPM and PGM, which its decoder refuses: they go through PIL
+    and give the pixels a PNG of the same image gives; 16-bit images keep their high byte (a uint16 tensor
+    divided by 255 entered the network up to 257x too bright)."""
+    from PIL import Image
+
+    from hrank.imagefolder import _decode
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    want = torch.from_numpy(rgb).permute(2, 0, 1)
+    for ext in ("png", "bmp", "tif", "ppm", "webp"):
+        path = tmp_path / f"x.{ext}"
+        Image.fromarray(rgb).save(path, **({"lossless": True} if ext == "webp" else {}))
+        got = _decode(str(path))
+        assert got.dtype == torch.uint8 and torch.equal(got, want), ext
+    gray = rgb[..., 0]
+    Image.fromarray(gray).save(tmp_path / "g.pgm")
+    assert torch.equal(_decode(str(tmp_path / "g.pgm")), torch.from_numpy(gray)[None].expand(3, -1, -1))
+    deep = rng.integers(0, 65536, (9, 11), dtype=np.uint16)
+    for ext in ("png", "tif"):  # torchvision decodes the PNG as uint16, PIL reads the TIFF as mode I;16
+        Image.fromarray(deep).save(tmp_path / f"d.{ext}")
+        got = _decode(str(tmp_path / f"d.{ext}"))
+        assert got.dtype == torch.uint8, ext
+        assert torch.equal(got, torch.from_numpy((deep >> 8).astype(np.uint8))[None].expand(3, -1, -1)), ext
+
+
+def test_unreadable_files_name_the_cause_in_one_line(tmp_path: Path) -> None:
+    from hrank.imagefolder import _Images
+
+    _write(tmp_path / "train" / "a" / "ok.png")
+    for name, content, cause in (("empty.jpg", b"", "Expected a non empty file"),
+                                 ("text.jpg", b"hello", "cannot identify image file"),  # PIL's word: not an image
+                                 ("bad.bmp", b"BM" + b"\0" * 10, "")):
+        (tmp_path / "train" / "a" / name).write_bytes(content)
+        split = FolderSplit.from_folder(tmp_path / "train", workers=0)
+        index = [os.fsdecode(f) for f in split.files].index(os.path.join("a", name))
+        with pytest.raises(HRankError) as e:
+            _Images(split).load(index)
+        msg = str(e.value)
+        assert msg.startswith(f"cannot decode image {split.path(index)}: ") and "\n" not in msg
+        assert cause in msg and ".cpp:" not in msg  # torchvision's C++ source location is not the user's business
+        (tmp_path / "train" / "a" / name).unlink()
+
+
+def test_hidden_folders_are_not_classes(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        for cls in ("b", "a"):
+            _write(tmp_path / split / cls / "1.png")
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # Jupyter leaves these; torchvision made it a class
+    assert check_root(tmp_path) == ["a", "b"]
+    train, val = load_root(tmp_path, workers=0)
+    assert train.classes == val.classes == ["a", "b"] and len(train) == 2
