@@ -49,3 +49,15 @@ def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "hrank", "info", "--model", "resnet_20"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "total:" in r.stdout
+
+
+def test_ctrl_c_while_the_commands_import_is_one_line(capsys, monkeypatch):
+    """Building the parser imports torch (a second or more): Ctrl-C then is an interruption, not a traceback."""
+    import hrank.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hrank.cli, "build_parser", interrupted)
+    assert main(["info", "--model", "resnet_56"]) == 130
+    assert capsys.readouterr().err == "hrank: interrupted\n"

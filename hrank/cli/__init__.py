@@ -36,12 +36,12 @@ def _one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hrank`` script; user errors print one line and return 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
     try:
+        parser = build_parser()  # imports torch (a second or more): Ctrl-C here is an interruption too
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except HRankError as e:
         print(f"hrank: error: {_one_line(str(e))}", file=sys.stderr)
