@@ -168,6 +168,11 @@ def _check_record(record: Any, where: str = "") -> None:
     plan = record.get("plan")
     if plan is not None and not isinstance(plan, Mapping):
         raise HRankError(f"{bad} plan must be an object or null, got {describe_json(plan)}")
+    from hrank.prune import MODES
+
+    mode = record.get("mode")
+    if mode is not None and mode not in MODES:  # read only with a plan, but a record that says it is damaged
+        raise HRankError(f"{bad} mode must be {' or '.join(MODES)} (or null), got {describe_json(mode)}")
 
 
 def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module] | None = None) -> nn.Module:

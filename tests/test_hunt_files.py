@@ -171,7 +171,7 @@ def _saved(tmp_path, name, change):
     ({"normalization": {"mean": [0.5], "std": [0.0]}}, "normalization"),
     ({"normalization": 5}, "normalization"),
     ({"state_metadata": {"": 5}}, "state_metadata"), ({"state_metadata": [1]}, "state_metadata"),
-    ({"plan": "garbage"}, "plan"),
+    ({"plan": "garbage"}, "plan"), ({"mode": "weird"}, "mode"), ({"mode": 3}, "mode"),
 ])
 def test_damaged_model_record_is_one_line(tmp_path, change, what):
     path = _saved(tmp_path, "bad.pt", change)
