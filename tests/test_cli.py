@@ -36,10 +36,13 @@ def test_unknown_model_is_one_line_exit_2(capsys):
 
 def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["info"])
+        main(["rank", "--out", "x.npz"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "required" in err and "Traceback" not in err
+    assert "required: --model" in err and "Traceback" not in err
+    assert main(["info"]) == 2  # --model or --model-file
+    assert capsys.readouterr().err == "hrank: error: no model: give --model (an architecture or a saved model) or " \
+                                      "--model-file\n"
     with pytest.raises(SystemExit) as e:
         main(["no-such-command"])
     assert e.value.code == 2

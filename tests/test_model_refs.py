@@ -188,6 +188,14 @@ def test_a_file_never_chooses_code_to_run(netmod, tmp_path: Path, monkeypatch: p
     assert loaded.ref == ref and loaded.model.fc.out_features == 5
     with pytest.raises(HRankError, match="holds"):
         hrank.pipeline.load_model(f"{netmod}:fixed_net", model_file=tmp_path / "m.pt")
+    # hrank info too: --model names the code, --model-file the file (a directory holding model.pt works)
+    monkeypatch.setattr(models, "_NAMED_BY_USER", set())
+    (tmp_path / "d").mkdir()
+    (tmp_path / "m.pt").rename(tmp_path / "d" / "model.pt")
+    assert main(["info", "--model", f"{netmod}:fixed_net", "--model-file", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err.endswith(f"holds {ref}, not {netmod}:fixed_net\n")
+    assert main(["info", "--model", ref, "--model-file", str(tmp_path / "d")]) == 0
+    assert f"{tmp_path / 'd' / 'model.pt'}: {ref}, mode unpruned" in capsys.readouterr().out
 
 
 def test_a_factory_that_exits_is_a_failed_build(tmp_path: Path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hrank import flops, models
 from hrank.cli.common import NUM_CLASSES, format_table
+from hrank.errors import HRankError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -14,8 +15,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Per-layer table (name, kind, output channels, MACs, params, HRank rate "
                                    "entry) and totals, for an architecture name or for a model saved by hrank "
                                    "(a file, or a directory holding model.pt, e.g. the output of hrank prune).")
-    p.add_argument("--model", required=True,
-                   help=f"architecture name ({', '.join(models.names())}), or a saved model file/directory")
+    p.add_argument("--model", default=None,
+                   help=f"architecture name ({', '.join(models.names())}, torchvision:NAME, timm:NAME, "
+                        f"module:factory), or a saved model file/directory")
+    p.add_argument("--model-file", default=None,
+                   help="a model saved by hrank (file, or a directory holding model.pt); give --model too when "
+                        "it was built by your own code (module:factory): hrank runs only code you name")
     p.add_argument("--num-classes", type=NUM_CLASSES, default=None, help="classifier width (default: the arch's)")
     p.set_defaults(func=run)
 
@@ -30,6 +35,15 @@ def _saved_model_path(value: str) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model_file is not None:
+        path = _saved_model_path(args.model_file)
+        if path is None:
+            raise HRankError(f"model file not found: {args.model_file}")
+        if args.model is not None:  # the user names the code that built the file
+            models.trust(args.model)
+        return _run_saved(path, args.model)
+    if args.model is None:
+        raise HRankError("no model: give --model (an architecture or a saved model) or --model-file")
     path = _saved_model_path(args.model) if args.model not in models.names() else None
     if path is not None:
         return _run_saved(path)
@@ -42,10 +56,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_saved(path: Path) -> int:
+def _run_saved(path: Path, ref: str | None = None) -> int:
     from hrank.checkpoint import load
     from hrank.spec import Spec
 
+    if ref is not None:
+        from hrank.checkpoint import read_record
+
+        recorded = read_record(path)[0].get("arch")
+        if recorded and recorded != ref:  # before anything is built
+            raise HRankError(f"{path} holds {recorded}, not {ref}")
     model, meta = load(path)
     plan = meta["plan"]
     arch = meta["arch"]

@@ -111,7 +111,8 @@ def create(ref: str, num_classes: int | None = None, *, from_file: bool = False)
             trust(ref)
         elif ref not in _NAMED_BY_USER:
             raise HRankError(f"the file says it was built by {ref!r}, which imports and runs code; hrank does not run "
-                             f"code a file names: name the model yourself (--model {ref})")
+                             f"code a file names: name the model yourself (--model {ref} beside --model-file; "
+                             f"models.trust({ref!r}) in Python)")
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise HRankError(f"num_classes must be an integer >= 1, got {num_classes!r}")
