@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -162,6 +163,75 @@ class FreshOutput:
                     shutil.rmtree(child, ignore_errors=True)
                 else:
                     child.unlink(missing_ok=True)
+
+
+class OutputLock:
+    """One process at a time per output directory: an exclusive ``flock`` on ``PARENT/.NAME.hrank-lock``, so
+    that the same command started twice (two terminals, a resubmitted job) cannot interleave its checkpoints
+    and records with the first's. The kernel drops the lock when its process dies (even by SIGKILL), so a
+    killed run never blocks the next one; ``release`` removes the file. The file sits beside the directory,
+    which ``--force`` may delete and recreate. Where no lock can be made (no ``fcntl``, a read-only parent)
+    there is none, as before."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.absolute().parent / f".{self.path.absolute().name}.hrank-lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        """Take the lock, or raise a one-line error naming the process that holds it."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return self
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return self
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            except OSError:
+                return self
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f" (pid {holder})" if holder.isdigit() else ""
+                raise HRankError(f"{self.path} is in use by another hrank process{who}; wait for it to finish "
+                                 f"or use another --out") from None
+            try:  # the holder before us may have removed the file between our open and our lock: retry
+                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (nothing when not held)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.lock_path)
+            os.close(fd)
+
+    def __del__(self) -> None:  # an owner dropped without release (a Run never executed) frees the directory
+        try:  # noqa: SIM105 - at interpreter exit the modules it uses may be gone (the kernel frees the lock)
+            self.release()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:

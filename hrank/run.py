@@ -38,6 +38,7 @@ from hrank.distributed import barrier, broadcast, init_distributed, on_main
 from hrank.errors import HRankError
 from hrank.io import (
     FreshOutput,
+    OutputLock,
     atomic_save_with,
     atomic_write_json,
     atomic_write_text,
@@ -145,9 +146,14 @@ class Run:
         self.state: dict[str, Any] = {}
         self._fresh = FreshOutput.of(self.dir) if self.main and not self.dir.is_file() else None
         self._changed: list[str] = []  # config keys that differ from the run directory's (accepted with force)
+        self._lock = OutputLock(self.dir)  # held by rank 0 from the claim to the end of execute
         self._everywhere(self._preflight)
-        on_main(self._claim_directory, self.dist)
-        barrier(self.dist)
+        try:
+            on_main(self._claim_directory, self.dist)
+            barrier(self.dist)
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- set-up -------------------------------------------------------------------------------------------
     def _everywhere(self, fn: Callable[[], Any]) -> Any:
@@ -280,6 +286,7 @@ class Run:
 
     def _claim_directory(self) -> None:
         """Make the directory this configuration's (checked in _check_directory): config.json is written."""
+        self._lock.acquire()  # a second process on this directory stops here, before it writes anything
         cfg_path = self.dir / "config.json"
         mine = config.identity(self.cfg)
         if self._changed:
@@ -692,6 +699,8 @@ class Run:
             if self._fresh is not None and not any(self.dir.rglob("last.pt")):
                 self._fresh.undo()
             raise
+        finally:
+            self._lock.release()
 
     def _execute(self) -> dict[str, Any]:
         t0 = time.perf_counter()

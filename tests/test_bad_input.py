@@ -342,3 +342,46 @@ def test_non_finite_outputs_are_an_error_not_loss_nan(ws):
         test = load_cifar(ws / "data", "cifar10", "test", download=False)
     with pytest.raises(HRankError, match=r"outputs are not finite \(NaN or inf\) on 32 of 32 images"):
         train.evaluate(model, train.make_eval_batches(test, normalization="cifar", device=torch.device("cpu")))
+
+
+# --- one process per output directory -----------------------------------------------------------------------------
+
+def test_the_same_command_started_twice_stops_before_writing(ws, tmp_path, capsys, monkeypatch):
+    """A second `hrank run` / `train --resume` on a directory in use would interleave its checkpoints and records
+    with the first's: it is refused in one line, naming the holder, and writes nothing."""
+    import signal
+    import subprocess
+    import sys
+
+    from hrank.io import OutputLock
+
+    monkeypatch.setenv("HRANK_NO_PROGRESS", "1")
+    out = tmp_path / "runs" / "r"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("the first run's")
+    hold = (f"import time; from hrank.io import OutputLock; lock = OutputLock({str(out)!r}).acquire(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = _snapshot(tmp_path)
+        for argv in (["run", str(ws / "tiny.yaml"), "--out", str(out), "--compress-rate", "[0.25]*19", "--force"],
+                     ["train", "--model", "resnet_20", "--out", str(out), "--force", *_fill(TRAIN, ws)]):
+            capsys.readouterr()
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err == (f"hrank: error: {out} is in use by another hrank process (pid {holder.pid}); wait for it "
+                           "to finish or use another --out\n"), err
+            assert _snapshot(tmp_path) == before  # --force deleted nothing
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # killed, its lock is gone with it (its file stays until the next holder releases it)
+    assert main(["train", "--model", "resnet_20", "--out", str(tmp_path / "runs" / "r"), "--force",
+                 *_fill(TRAIN, ws)]) == 0
+    assert (out / "last.pt").exists() and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]
+    with OutputLock(out) as lock:  # in one process two holders exclude each other too (separate descriptions)
+        assert lock.lock_path.exists()
+        with pytest.raises(HRankError, match=f"pid {os.getpid()}"):
+            OutputLock(out).acquire()
+    assert not lock.lock_path.exists()

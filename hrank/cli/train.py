@@ -24,10 +24,11 @@ from hrank.cli.common import (
 )
 from hrank.data import Normalization, load_batch_files
 from hrank.datasets import DataOptions
-from hrank.distributed import init_distributed, process_group_scope
+from hrank.distributed import init_distributed, on_main, process_group_scope
 from hrank.errors import HRankError
 from hrank.io import (
     FreshOutput,
+    OutputLock,
     atomic_write_json,
     check_output,
     check_writable,
@@ -225,18 +226,24 @@ def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.R
             raise HRankError(f"--train-subset must be in 1..{len(data.train)}, got {args.train_subset}")
         pipeline.check_classes(model, data.num_classes, data.test.name or args.dataset)
         run_info = {**run_info, "dataset": args.dataset, "seed": args.seed, "normalization": normalization.name}
-        if args.force and fresh is None and dist.is_main:
-            prepare_output(out, force=True, is_dir=True)
-            fresh = FreshOutput.of(out)
+        lock = OutputLock(out)  # rank 0 holds it: the same command started twice stops here, before writing
+        on_main(lock.acquire, dist)
         try:
-            pipeline.finetune(model, data, recipe, normalization=normalization, device=device, out_dir=out,
-                              seed=args.seed, plan=plan, mode=mode, resume=args.resume, overwrite=args.force,
-                              select_on_test=args.select_on_test, run_info=run_info, stop_after=args.stop_after,
-                              progress=not args.no_progress and dist.is_main, teacher=teacher)
-        except HRankError:
-            if fresh is not None and dist.is_main and not _holds_progress(out):  # nothing to resume: as it was
-                fresh.undo()
-            raise
+            if args.force and fresh is None and dist.is_main:
+                prepare_output(out, force=True, is_dir=True)
+                fresh = FreshOutput.of(out)
+            try:
+                pipeline.finetune(model, data, recipe, normalization=normalization, device=device, out_dir=out,
+                                  seed=args.seed, plan=plan, mode=mode, resume=args.resume, overwrite=args.force,
+                                  select_on_test=args.select_on_test, run_info=run_info,
+                                  stop_after=args.stop_after, progress=not args.no_progress and dist.is_main,
+                                  teacher=teacher)
+            except HRankError:
+                if fresh is not None and dist.is_main and not _holds_progress(out):  # nothing to resume: as it was
+                    fresh.undo()
+                raise
+        finally:
+            lock.release()
         return 0
 
 
