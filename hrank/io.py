@@ -26,7 +26,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.hrank-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -123,8 +123,24 @@ def prepare_output(path: str | os.PathLike, *, force: bool = False, is_dir: bool
 
 
 # What _atomic leaves when the process is killed between creating its temporary file and renaming it:
-# ``.NAME.XXXXXXXX.tmp`` (tempfile.mkstemp's eight random characters).
-_OWN_TEMP = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+# ``.NAME.hrank-XXXXXXXX.tmp`` (tempfile.mkstemp's eight random characters; before 2026-12-06 without "hrank-").
+_OWN_TEMP = re.compile(r"\..+\.(hrank-)?[a-z0-9_]{8}\.tmp")
+_OWN_TEMP_NOW = re.compile(r"\..+\.hrank-[a-z0-9_]{8}\.tmp")
+
+
+def remove_own_temps(path: str | os.PathLike) -> int:
+    """Remove the temporary files killed writes left under directory ``path`` (only ``.NAME.hrank-XXXXXXXX.tmp``
+    regular files); call it holding the directory's :class:`OutputLock`, so that no write is in flight.
+    Returns how many were removed."""
+    path = Path(path)
+    removed = 0
+    if path.is_dir():
+        for p in path.rglob("*.tmp"):
+            if _OWN_TEMP_NOW.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed += 1
+    return removed
 
 
 def holds_anything(path: str | os.PathLike) -> bool:

@@ -380,6 +380,14 @@ def test_the_same_command_started_twice_stops_before_writing(ws, tmp_path, capsy
     assert main(["train", "--model", "resnet_20", "--out", str(tmp_path / "runs" / "r"), "--force",
                  *_fill(TRAIN, ws)]) == 0
     assert (out / "last.pt").exists() and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]
+    # what SIGKILL during a write leaves is removed by the next command that holds the directory; nothing else
+    leftovers = [out / ".last.pt.hrank-k2x_9a0b.tmp", out / "sub" / ".metrics.jsonl.hrank-00000000.tmp"]
+    kept = [out / ".notes.20261206.tmp", out / "notes.hrank-abcdefgh.tmp", out / ".x.hrank-ABCDEFGH.tmp"]
+    for f in leftovers + kept:
+        f.parent.mkdir(exist_ok=True)
+        f.write_text("partial")
+    assert main(["train", "--model", "resnet_20", "--out", str(out), "--resume", *_fill(TRAIN, ws)]) == 0
+    assert not any(f.exists() for f in leftovers) and all(f.read_text() == "partial" for f in kept)
     with OutputLock(out) as lock:  # in one process two holders exclude each other too (separate descriptions)
         assert lock.lock_path.exists()
         with pytest.raises(HRankError, match=f"pid {os.getpid()}"):

@@ -191,3 +191,16 @@ def test_latency_layout_without_a_target_keeps_the_model(copy):
     skipped = [line.split("]")[0][1:] for line in logs if "skipped" in line]
     assert skipped == ["baseline", "scores", "spec", "plan", "prune", "finetune", "evaluate", "export"]
     assert (run_dir / "model.pt").read_bytes() == model
+
+
+def test_claiming_a_run_directory_removes_what_killed_writes_left(tiny_cifar, tmp_path):
+    keys = {"compress_rate": None, "target_latency": 0.7, "criterion": "l1", "export": []}
+    out = tmp_path / "out"
+    Run(_cfg(tiny_cifar, **keys), out, **QUIET)  # claims the directory (config.json), runs nothing
+    (out / "finetune").mkdir()
+    left = [out / ".stages.json.hrank-a1b2c3d4.tmp", out / "finetune" / ".last.pt.hrank-zz_00000.tmp"]
+    mine = out / "finetune" / "notes.tmp"
+    for f in [*left, mine]:
+        f.write_text("partial")
+    Run(_cfg(tiny_cifar, **keys), out, **QUIET)
+    assert not any(f.exists() for f in left) and mine.exists()
