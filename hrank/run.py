@@ -196,7 +196,8 @@ class Run:
         prune = _hash([plan, c["mode"], c["recalibrate"], c["recalibrate_images"]])
         finetune = _hash([prune, c["finetune"], c["select_on_test"], c["train_subset"]])
         # the evaluate stage also times the baseline and the final model: what it measures is part of its key
-        measured = [c["latency"]] + ([c["latency_batch"], c["latency_layout"]] if c["latency"] else [])
+        measured = [c["latency"]] + ([c["latency_batch"], c["latency_layout"], self._device_kind()]
+                                     if c["latency"] else [])
         evaluate_key = _hash([finetune, c["test_subset"], _file_id(c["lossless_test"]), measured])
         export = _hash([evaluate_key, c["export"]])
         report = _hash([evaluate_key, export, c["latency"], c["latency_batch"], c["latency_layout"]])
@@ -383,6 +384,13 @@ class Run:
         data = self.data
         named = {"val": data.val, "test": data.test, "lossless": self._lossless}
         return pipeline.evaluate_splits(model, {k: named[k] for k in splits}, normalization=norm, device=self.device)
+
+    def _device_kind(self) -> str:
+        """What the latencies were measured on, for the evaluate stage's key: the device type, and a GPU's name
+        (a run resumed on another kind of device measures again instead of reporting the old device's times)."""
+        if self.device.type == "cuda":
+            return f"cuda {torch.cuda.get_device_name(self.device)}"
+        return self.device.type
 
     def _profile(self, model: nn.Module) -> dict:
         c = flops.count(model, self.input_size)

@@ -223,3 +223,18 @@ def test_latency_off_drops_the_old_timings(copy):
     before = (run_dir / "final.json").read_bytes()
     assert "evaluate" not in _rerun(run_dir, data, latency=False, latency_batch=5, latency_layout="nchw")
     assert (run_dir / "final.json").read_bytes() == before
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_run_continued_on_another_kind_of_device_is_timed_again(copy, monkeypatch):
+    """Latency is the device's: the times of the machine a run was measured on are not reported for another."""
+    from hrank.run import Run
+
+    run_dir, data = copy
+    assert _rerun(run_dir, data) == []
+    monkeypatch.setattr(Run, "_device_kind", lambda self: "cuda NVIDIA H100 80GB HBM3")  # as if moved to a GPU
+    assert _rerun(run_dir, data) == ["evaluate", "export", "report"]
+    assert _rerun(run_dir, data) == []
+    assert _rerun(run_dir, data, latency=False) == ["evaluate", "export", "report"]
+    monkeypatch.undo()  # back on the CPU: without timing, the device does not matter
+    assert _rerun(run_dir, data, latency=False) == []
