@@ -25,7 +25,7 @@ from hrank import flops, models
 from hrank.errors import HRankError
 from hrank.layers import is_depthwise, per_filter_extras
 from hrank.modelcopy import copy_model
-from hrank.plan import Group, build_dependency_graph, find_groups, make_plan
+from hrank.plan import Group, build_dependency_graph, find_groups, make_plan, verify_groups
 from hrank.prune import apply_plan
 from hrank.spec import Spec, num_pruned
 
@@ -336,7 +336,7 @@ def _prepare(model: nn.Module, scores: Mapping[str, np.ndarray] | object, *, inp
     raw = getattr(scores, "scores", scores)
     allowed = _candidates(model, raw, convs)
     graph = build_dependency_graph(model, example_input)
-    groups = find_groups(model, example_input, graph=graph)
+    groups = verify_groups(model, find_groups(model, example_input, graph=graph), example_input)
     ignored = Spec({}).without(model, ignore).ignored if ignore else frozenset()
     prunable: list[Group] = [g for g in groups if g.prunable and any(m in allowed and m in raw for m in g.members)
                              and not ignored.intersection(g.members)]

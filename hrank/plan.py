@@ -19,6 +19,7 @@ Ties are broken by a stable sort: among equal scores the lower channel index is 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -44,7 +45,7 @@ from hrank.models.base import ChannelPadShortcut
 from hrank.spec import Spec, num_pruned
 
 __all__ = ["Group", "Plan", "PlanGroup", "WIDTH_RULES", "build_dependency_graph", "default_example_input",
-           "find_groups", "make_plan", "select_kept", "ShortcutPruner"]
+           "find_groups", "make_plan", "select_kept", "verify_groups", "ShortcutPruner"]
 
 PLAN_FORMAT = "hrank.plan"
 PLAN_VERSION = 1
@@ -862,6 +863,56 @@ def find_groups(model: nn.Module, example_input: torch.Tensor | None = None, *,
     return groups
 
 
+_UNMAPPED = ("removing its channels changes what the network computes: an op between its convs and the layers "
+             "that read them puts the channels somewhere hrank cannot follow (e.g. a flatten after a permute to "
+             "channels-last), found by pruning it on a copy")
+
+
+_FAILS = ("removing its channels makes the network fail to run (a channel count the trace cannot see, e.g. read "
+          "from another tensor's shape), found by pruning it on a copy")
+
+
+def verify_groups(model: nn.Module, groups: Sequence[Group], example_input: torch.Tensor) -> list[Group]:
+    """``groups`` with every prunable group whose physical removal breaks the invariant marked not prunable.
+
+    The trace can map channels wrongly through ops it takes for others (``x.permute(0, 2, 3, 1).flatten(1)``
+    into a Linear: Torch-Pruning assumes channels-first). A trial prunes every prunable group at once on a copy
+    of the model (every other channel) and compares it with the masked model, as ``apply_plan`` does; a
+    mismatch is traced to one group by bisection, which is marked, and the trial repeats. One trial when
+    nothing is wrong; the model is not modified."""
+    from hrank.prune import CHECK_TOLERANCE, _culprit, _mismatch, _sub_plan
+
+    out = list(groups)
+    live = [i for i, g in enumerate(out) if g.prunable and g.channels // max(g.blocks, 1) >= 2]
+    if not live:
+        return out
+    x = example_input
+    arch = getattr(model, "hrank_arch", None)
+    for _ in range(len(live)):
+        trial = [PlanGroup(list(out[i].members), out[i].channels, 0.5, _every_other(out[i]), out[i].blocks)
+                 for i in live]
+        plan = Plan(arch, None, list(x.shape[1:]), "trial", "groups", "mean", {}, trial)
+        rel = _mismatch(model, plan, x, strict=True)
+        if rel is None or rel <= CHECK_TOLERANCE:  # None: a failure of the model itself, apply_plan reports it
+            break
+        bad = _culprit(model, plan, x)
+        if bad is None:  # no single group explains it: apply_plan reports what fails
+            break
+        i = next(i for i in live if out[i].members == tuple(bad.members))
+        alone = _mismatch(model, _sub_plan(plan, [bad]), x)
+        out[i] = dataclasses.replace(out[i], prunable=False, reason=_UNMAPPED if alone != math.inf else _FAILS)
+        live.remove(i)
+        if not live:
+            break
+    return out
+
+
+def _every_other(group: Group) -> list[int]:
+    """Half of a group's channels, alternating within each of its blocks (a wrong mapping cannot hide)."""
+    size = group.channels // max(group.blocks, 1)
+    return [i for i in range(group.channels) if (i % size) % 2 == 0]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Plans
 # --------------------------------------------------------------------------------------------------------
@@ -1168,7 +1219,7 @@ def make_plan(model: nn.Module, scores_or_ranks: Any, spec: Spec | str | Mapping
                 kept = list(range(channels[conv]))
             plan_groups.append(PlanGroup([conv], channels[conv], rate, kept))
     else:
-        found = list(groups) if groups is not None else find_groups(model, x)
+        found = list(groups) if groups is not None else verify_groups(model, find_groups(model, x), x)
         covered = {m for g in found for m in g.members}
         for conv in spec.rates:
             if conv not in covered and num_pruned(spec.rates[conv], channels[conv]) > 0:

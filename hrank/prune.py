@@ -490,15 +490,19 @@ def _sub_plan(plan: Plan, keep: Sequence[PlanGroup]) -> Plan:
     return dataclasses.replace(plan, groups=groups)
 
 
-def _mismatch(model: nn.Module, plan: Plan, x: torch.Tensor) -> float:
-    """Physical vs mask difference of ``plan`` on a copy of ``model`` (for the diagnosis)."""
+def _mismatch(model: nn.Module, plan: Plan, x: torch.Tensor, *, strict: bool = False) -> float | None:
+    """Physical vs mask difference of ``plan`` on a copy of ``model`` (for the diagnosis): inf when the pruned
+    copy cannot run; with ``strict``, None when pruning fails for another reason (one no group explains,
+    such as an output hrank cannot compare), else inf for that too."""
     trial = copy_model(model)
     try:
         _apply(trial, plan, "physical", x, _check_fits(trial, plan, "physical"), check=True)
     except _Mismatch as e:
         return e.rel
-    except HRankError:
+    except _ForwardFailure:
         return math.inf
+    except HRankError:
+        return None if strict else math.inf
     return 0.0
 
 

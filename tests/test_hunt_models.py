@@ -195,13 +195,45 @@ class _PermutedFlatten(nn.Module):
 def test_mask_mode_refuses_a_plan_the_physical_prune_refuses():
     x = torch.randn(2, 3, 16, 16)
     net = _settled(_PermutedFlatten(), x)
-    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x)
-    assert plan.pruned_groups()  # not detected when planning: only the invariant check stands in the way
+    # without the planning trial (groups given), only apply_plan's invariant check stands in the way
+    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x,
+                     groups=find_groups(net, x))
+    assert plan.pruned_groups()
     before = copy.deepcopy(net.state_dict())
     for mode in ("physical", "mask"):
         with pytest.raises(HRankError, match="does not compute"):
             apply_plan(net, plan, mode=mode, example_input=x)
         assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # all or nothing
+
+
+class _ChannelsLastHead(nn.Module):
+    """Two prunable convs, then a channels-last flatten into the classifier (a ported Keras model's head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.fc = cbr(3, 16), cbr(16, 16), cbr(16, 8), nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        y = self.c(self.b(self.a(x)))
+        return self.fc(F.max_pool2d(y, 4).permute(0, 2, 3, 1).flatten(1))
+
+
+def test_a_group_the_trace_maps_wrongly_is_skipped_when_planning():
+    """The planning trial prunes a copy, finds the group whose removal changes the output, and leaves it whole:
+    patterns and budgets prune the rest (the invariant holds), an exact rate for it is a one-line error."""
+    x = torch.randn(2, 3, 16, 16)
+    net = _settled(_ChannelsLastHead(), x)
+    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"*": 0.5}), example_input=x)
+    assert [s["conv"] for s in plan.skipped] == ["c.0"] and "changes what the network computes" in \
+        plan.skipped[0]["reason"]
+    assert {g.members[0] for g in plan.pruned_groups()} == {"a.0", "b.0"}
+    pruned = apply_plan(copy.deepcopy(net), plan, example_input=x)  # checked against the masked model
+    assert pruned.a[0].out_channels == pruned.b[0].out_channels == 8 and pruned.c[0].out_channels == 8
+    result = find_budget(net, _scores(net), target=0.6, metric="macs", example_input=x, round_to=1)
+    assert result.error < 0.01 and "c.0" not in result.group_pruned and set(result.group_pruned) <= {"a.0", "b.0"}
+    apply_plan(copy.deepcopy(net), make_plan(net, _scores(net), result.spec, example_input=x), example_input=x)
+    with pytest.raises(HRankError, match="cannot prune group c.0: removing its channels changes"):
+        make_plan(net, _scores(net), Spec.from_mapping(net, {"c.0": 0.5}), example_input=x)
 
 
 class _TwoHeads(nn.Module):
@@ -220,7 +252,11 @@ class _TwoHeads(nn.Module):
 def test_each_output_is_held_to_the_tolerance_on_its_own():
     x = torch.randn(2, 3, 16, 16)
     net = _settled(_TwoHeads(), x)
-    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"b.0": 0.5}), example_input=x)
+    with pytest.raises(HRankError, match="cannot prune group b.0: removing its channels changes what the network "
+                                         "computes"):  # the planning trial holds each output to it too
+        make_plan(net, _scores(net), Spec.from_mapping(net, {"b.0": 0.5}), example_input=x)
+    plan = make_plan(net, _scores(net), Spec.from_mapping(net, {"b.0": 0.5}), example_input=x,
+                     groups=find_groups(net, x))
     with pytest.raises(HRankError, match="does not compute"):
         apply_plan(copy.deepcopy(net), plan, example_input=x)
 

@@ -348,7 +348,11 @@ class HardCodedView(nn.Module):
 def test_tp_failures_become_one_line_errors():
     net = HardCodedView()
     x = torch.zeros(2, 3, 8, 8)
-    plan = make_plan(net, {"conv": np.arange(8.0)}, {"conv": 0.5}, example_input=x)
+    with pytest.raises(HRankError, match="cannot prune group conv: removing its channels makes the network fail to "
+                                         "run"):  # found when planning, by pruning a copy
+        make_plan(net, {"conv": np.arange(8.0)}, {"conv": 0.5}, example_input=x)
+    # a plan made without that trial (groups given) is refused by apply_plan's own check
+    plan = make_plan(net, {"conv": np.arange(8.0)}, {"conv": 0.5}, example_input=x, groups=find_groups(net, x))
     with pytest.raises(HRankError) as e:
         apply_plan(net, plan, example_input=x)
     assert "forward check" in str(e.value) or "output shape" in str(e.value)
