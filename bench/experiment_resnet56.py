@@ -11,8 +11,9 @@ split carved from the training set) on validation, the 10k JPEG-derived test set
 test images.
 
 Every cell (seed, criterion, recipe) is written to ``--out/seed<S>/<criterion>-<recipe>.json`` as soon as it is
-done and skipped when it exists, so a stopped run resumes, and several processes can share the grid (e.g. one
-per seed). ``--summary`` prints the table of every cell found, with the mean and the per-seed values.
+done and skipped when it exists, so a stopped run resumes (a cell stopped during its fit continues from its
+last epoch, bit-exact), and several processes can share the grid (e.g. one per seed). ``--summary`` prints the
+table of every cell found, with the mean and the per-seed values.
 
     python bench/experiment_resnet56.py --epochs 2 --seeds 0 --out runs/experiment      # one process
     python bench/experiment_resnet56.py --seeds 1 --threads 1 --out runs/experiment &   # another, alongside
@@ -170,10 +171,14 @@ def run_grid(args: argparse.Namespace) -> None:
                       f"{len(cell_train)} images in {args.minutes} min", flush=True)
             torch.manual_seed(seed)
             t_fit = time.perf_counter()
+            cell_dir = sdir / f"{criterion}-{recipe_name}"
+            resumed = (cell_dir / "last.pt").exists() and not args.force  # a stopped fit continues (bit-exact)
             result = fit(model, make_train_batches(cell_train, recipe, normalization=norm, device=device, seed=seed),
-                         evals["val"], recipe, out_dir=sdir / f"{criterion}-{recipe_name}", overwrite=True,
+                         evals["val"], recipe, out_dir=cell_dir, resume=resumed, overwrite=not resumed,
                          progress=False, printer=lambda s: None, teacher=teacher, tensorboard=False)
             fit_seconds = time.perf_counter() - t_fit
+            if resumed:
+                row["resumed"] = True  # fit_seconds is then the resumed part's
             after = accuracy(model, ("test", "lossless"))
             row.update({"after_finetune": {"val": result.val["top1"], **after}, "best_epoch": result.best_epoch,
                         "fit_seconds": fit_seconds,
