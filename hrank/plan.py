@@ -863,9 +863,9 @@ def find_groups(model: nn.Module, example_input: torch.Tensor | None = None, *,
     return groups
 
 
-_UNMAPPED = ("removing its channels changes what the network computes: an op between its convs and the layers "
-             "that read them puts the channels somewhere hrank cannot follow (e.g. a flatten after a permute to "
-             "channels-last), found by pruning it on a copy")
+_UNMAPPED = ("removing its channels changes what the network computes: an op or layer that reads them depends "
+             "on their positions or their number in a way the trace does not see (e.g. a flatten after a permute "
+             "to channels-last, a weight-standardized conv), found by pruning it on a copy")
 
 
 _FAILS = ("removing its channels makes the network fail to run (a channel count the trace cannot see, e.g. read "

@@ -39,10 +39,7 @@ def _load_zoo():
 zoo = _load_zoo()
 
 # Known failures: model id -> (stage, reason). Each reason is a heading of docs/zoo.md's "Known failures".
-KNOWN: dict[str, tuple[str, str]] = {
-    "timm/nf_resnet26": ("physical", "weight-standardized convs (timm ScaledStdConv2d): pruned inputs change each "
-                                     "filter's standardization"),
-}
+KNOWN: dict[str, tuple[str, str]] = {}
 
 # Sampled out of CI (each alone would take a large share of its 15-minute budget); HRANK_ZOO_ALL=1 runs them.
 HEAVY: dict[str, str] = {
