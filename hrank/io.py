@@ -130,8 +130,8 @@ _OWN_TEMP_NOW = re.compile(r"\..+\.hrank-[a-z0-9_]{8}\.tmp")
 
 def remove_own_temps(path: str | os.PathLike) -> int:
     """Remove the temporary files killed writes left under directory ``path`` (only ``.NAME.hrank-XXXXXXXX.tmp``
-    regular files); call it holding the directory's :class:`OutputLock`, so that no write is in flight.
-    Returns how many were removed."""
+    regular files); :meth:`OutputLock.acquire` calls it once it holds the directory, so that no write is in
+    flight. Returns how many were removed."""
     path = Path(path)
     removed = 0
     if path.is_dir():
@@ -185,7 +185,8 @@ class OutputLock:
     """One process at a time per output directory: an exclusive ``flock`` on ``PARENT/.NAME.hrank-lock``, so
     that the same command started twice (two terminals, a resubmitted job) cannot interleave its checkpoints
     and records with the first's. The kernel drops the lock when its process dies (even by SIGKILL), so a
-    killed run never blocks the next one; ``release`` removes the file. The file sits beside the directory,
+    killed run never blocks the next one; ``release`` removes the file. Taking the lock removes the temporary
+    files killed writes left in the directory. The file sits beside the directory,
     which ``--force`` may delete and recreate. Where no lock can be made (no ``fcntl``, a read-only parent)
     there is none, as before."""
 
@@ -227,6 +228,7 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        remove_own_temps(self.path)  # what killed writes left: holding the lock, no write of ours is in flight
         return self
 
     def release(self) -> None:

@@ -888,7 +888,7 @@ def verify_groups(model: nn.Module, groups: Sequence[Group], example_input: torc
         return out
     x = example_input
     arch = getattr(model, "hrank_arch", None)
-    for _ in range(len(live)):
+    while live:  # each round ends the check or marks one more group
         trial = [PlanGroup(list(out[i].members), out[i].channels, 0.5, _every_other(out[i]), out[i].blocks)
                  for i in live]
         plan = Plan(arch, None, list(x.shape[1:]), "trial", "groups", "mean", {}, trial)
@@ -902,8 +902,6 @@ def verify_groups(model: nn.Module, groups: Sequence[Group], example_input: torc
         alone = _mismatch(model, _sub_plan(plan, [bad]), x)
         out[i] = dataclasses.replace(out[i], prunable=False, reason=_UNMAPPED if alone != math.inf else _FAILS)
         live.remove(i)
-        if not live:
-            break
     return out
 
 

@@ -45,7 +45,6 @@ from hrank.io import (
     check_writable,
     holds_anything,
     read_json,
-    remove_own_temps,
 )
 from hrank.plan import Plan
 from hrank.profile import compare_latency, state_dict_bytes
@@ -289,7 +288,6 @@ class Run:
     def _claim_directory(self) -> None:
         """Make the directory this configuration's (checked in _check_directory): config.json is written."""
         self._lock.acquire()  # a second process on this directory stops here, before it writes anything
-        remove_own_temps(self.dir)  # what killed writes left: no write of ours is in flight now
         cfg_path = self.dir / "config.json"
         mine = config.identity(self.cfg)
         if self._changed:

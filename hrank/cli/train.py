@@ -35,7 +35,6 @@ from hrank.io import (
     holds_anything,
     prepare_output,
     read_json,
-    remove_own_temps,
 )
 
 
@@ -228,7 +227,7 @@ def _run_fit(args: argparse.Namespace, model: torch.nn.Module, recipe: recipes.R
         pipeline.check_classes(model, data.num_classes, data.test.name or args.dataset)
         run_info = {**run_info, "dataset": args.dataset, "seed": args.seed, "normalization": normalization.name}
         lock = OutputLock(out)  # rank 0 holds it: the same command started twice stops here, before writing
-        on_main(lambda: (lock.acquire(), remove_own_temps(out)), dist)  # then no write of ours is in flight
+        on_main(lock.acquire, dist)
         try:
             if args.force and fresh is None and dist.is_main:
                 prepare_output(out, force=True, is_dir=True)
