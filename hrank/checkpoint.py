@@ -175,7 +175,8 @@ def _check_record(record: Any, where: str = "") -> None:
         raise HRankError(f"{bad} mode must be {' or '.join(MODES)} (or null), got {describe_json(mode)}")
 
 
-def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module] | None = None) -> nn.Module:
+def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module] | None = None, *,
+                      arch: str | None = None, source: str = "the file") -> nn.Module:
     """Rebuild the (pruned) model a record describes; load its weights strictly when it holds them.
 
     The unpruned model comes from ``builder()`` when given (a zero-argument callable, e.g.
@@ -183,7 +184,9 @@ def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module
     name, ``torchvision:NAME``, ``timm:NAME`` or ``module:factory``, rebuilt by :func:`hrank.models.create`
     with the recorded num_classes; a reference that no longer resolves is a one-line error); then the plan is
     replayed in the recorded mode and ``record["state_dict"]`` (if any) is loaded with the recorded module
-    versions (``record["state_metadata"]``; records without it load as before).
+    versions (``record["state_metadata"]``; records without it load as before). ``arch``: the reference the
+    user expects (``--model`` beside ``--model-file``); a record of another one is refused before anything is
+    built (``source`` names the file in that message).
     """
     from hrank.plan import Plan
     from hrank.prune import apply_plan, enforce_masks
@@ -191,6 +194,8 @@ def build_from_record(record: Mapping[str, Any], builder: Callable[[], nn.Module
     if not isinstance(record, Mapping) or record.get("format") != FORMAT:
         raise HRankError("not an hrank model record (missing format: hrank.model)")
     _check_record(record)
+    if arch is not None and record.get("arch") and record["arch"] != arch:
+        raise HRankError(f"{source} holds {record['arch']}, not {arch}")
     if builder is not None:
         model = builder()
         if not isinstance(model, nn.Module):
@@ -272,15 +277,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     return {"normalization": norm if isinstance(norm, dict) else None}
 
 
-def load(path: str | os.PathLike, *, builder: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, dict]:
+def load(path: str | os.PathLike, *, builder: Callable[[], nn.Module] | None = None,
+         arch: str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a model saved by :func:`save` (its recorded reference or ``builder``), replay its plan, load
-    weights strictly.
+    weights strictly; with ``arch``, a file of another model is refused before anything is built.
 
     Returns ``(model, meta)``; the model is on the CPU in eval mode. ``meta`` holds arch, num_classes,
     normalization, plan (a :class:`hrank.plan.Plan` or None), mode, extra and hrank_version.
     """
     record, state = read_record(path)
-    model = build_from_record({**record, "state_dict": state}, builder)
+    model = build_from_record({**record, "state_dict": state}, builder, arch=arch, source=str(path))
     model.eval()
     meta = {k: record.get(k) for k in ("arch", "num_classes", "normalization", "mode", "extra", "hrank_version")}
     meta["plan"] = getattr(model, "hrank_plan", None)

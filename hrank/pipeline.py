@@ -82,9 +82,7 @@ def load_model(ref: str | None = None, *, checkpoint: str | os.PathLike | None =
             raise HRankError("give either a model file or a model with a checkpoint, not both")
         if ref is not None:  # the user names the code that built the file (a file never chooses code to run)
             models.trust(ref)
-        model, info = load_model_file(model_file)
-        if ref is not None and info.get("arch") and info["arch"] != ref:
-            raise HRankError(f"{model_file} holds {info['arch']}, not {ref}")
+        model, info = load_model_file(model_file, arch=ref)  # a file of another model: refused before building
         check_finite(model, f"model file {model_file}")
         arch = info.get("arch") or getattr(model, "hrank_arch", None)
         norm = normalization or info.get("normalization") or default_normalization(arch, dataset)

@@ -826,14 +826,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, *, normalization: Norm
     return save(_unwrap(model), path, normalization=normalization, extra=extra)
 
 
-def load_model_file(path: str | os.PathLike, *, builder: Callable[[], nn.Module] | None = None
-                    ) -> tuple[nn.Module, dict[str, Any]]:
+def load_model_file(path: str | os.PathLike, *, builder: Callable[[], nn.Module] | None = None,
+                    arch: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a file hrank wrote: ``hrank.checkpoint.save`` output (a run's model.pt, a pruned
     model) or a training checkpoint (best.pt/last.pt).
 
     Returns the model (registry architecture, or ``builder()`` for others, with its plan replayed and the
     weights loaded strictly) and what the file says about it: ``arch``, ``normalization``, ``plan``,
-    ``mode``. Nothing but tensors and plain data is unpickled.
+    ``mode``. Nothing but tensors and plain data is unpickled. With ``arch`` (the reference the user named), a
+    file of another model is refused before anything is built.
     """
     obj = load_torch_file(path, "model file")
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
@@ -841,13 +842,13 @@ def load_model_file(path: str | os.PathLike, *, builder: Callable[[], nn.Module]
         if not isinstance(state, dict) or "record" not in state or "state_dict" not in state:
             raise HRankError(f"{path} holds no model")
         record = state["record"]
-        model = build_from_record(record, builder)
+        model = build_from_record(record, builder, arch=arch, source=str(path))
         load_state(model, state["state_dict"], record.get("state_metadata"))
         enforce_masks(model)
         model.eval()
         info = {k: record.get(k) for k in ("arch", "normalization", "plan", "mode")}
     else:
-        model, meta = load(path, builder=builder)
+        model, meta = load(path, builder=builder, arch=arch)
         info = {k: meta.get(k) for k in ("arch", "normalization", "mode")}
         info["plan"] = meta["plan"].to_json() if meta.get("plan") is not None else None
     info["source"] = str(path)

@@ -60,13 +60,7 @@ def _run_saved(path: Path, ref: str | None = None) -> int:
     from hrank.checkpoint import load
     from hrank.spec import Spec
 
-    if ref is not None:
-        from hrank.checkpoint import read_record
-
-        recorded = read_record(path)[0].get("arch")
-        if recorded and recorded != ref:  # before anything is built
-            raise HRankError(f"{path} holds {recorded}, not {ref}")
-    model, meta = load(path)
+    model, meta = load(path, arch=ref)  # a file of another model than --model: refused before building
     plan = meta["plan"]
     arch = meta["arch"]
     input_size = tuple(plan.input_size) if plan is not None else models.get_spec(arch).input_size
