@@ -251,6 +251,10 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     for key in ("seed", "val_size", "workers"):
         if cfg[key] is not None and cfg[key] < 0:
             raise HRankError(f"config key {key!r} must be >= 0, got {cfg[key]}")
+    from hrank.imagefolder import MAX_WORKERS
+
+    if cfg["workers"] > MAX_WORKERS:
+        raise HRankError(f"config key 'workers' must be a whole number from 0 to {MAX_WORKERS}, got {cfg['workers']}")
     if cfg["seed"] >= 1 << 63:
         raise HRankError(f"config key 'seed' must be < 2**63, got {cfg['seed']}")
     if cfg["val_size"] == 0 and not cfg["select_on_test"]:

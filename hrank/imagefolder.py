@@ -85,6 +85,9 @@ def check_root(root: str | os.PathLike) -> list[str]:
     return train
 
 
+MAX_WORKERS = 256  # decoding processes per loader; more is a typo (10**6 would fork until the machine stops)
+
+
 class FolderSplit:
     """One split of an image folder: sorted relative file paths and labels, plus the crop sizes (a ``Split``).
 
@@ -96,8 +99,8 @@ class FolderSplit:
                  name: str = "", image_size: int = 224, resize_size: int = 256, workers: int = 4) -> None:
         if image_size < 1 or resize_size < 1:
             raise HRankError(f"image sizes must be >= 1, got image_size={image_size}, resize_size={resize_size}")
-        if workers < 0:
-            raise HRankError(f"workers must be >= 0, got {workers}")
+        if not 0 <= workers <= MAX_WORKERS:
+            raise HRankError(f"workers must be a whole number from 0 to {MAX_WORKERS}, got {workers}")
         self.folder = str(folder)
         self.files = files
         self.labels = labels

@@ -304,11 +304,14 @@ def load_summary(run_dir: str | os.PathLike) -> dict:
 
 
 def rebuild_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Rewrite the report of the hrank run directory ``run_dir`` from its summary.json; refuses other folders."""
+    """Rewrite the report of the hrank run directory ``run_dir`` from its summary.json; refuses other folders,
+    and a directory a running ``hrank run`` holds (its lock), whose summary may be rewritten meanwhile."""
+    from hrank.io import OutputLock
     from hrank.run import read_run_config
 
     run_dir = Path(run_dir)
     read_run_config(run_dir)  # only a run directory's own report is rewritten
     if not (run_dir / "summary.json").is_file():
         raise HRankError(f"{run_dir} holds no finished run (no summary.json)")
-    return write_report(run_dir, load_summary(run_dir))
+    with OutputLock(run_dir):
+        return write_report(run_dir, load_summary(run_dir))

@@ -103,6 +103,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("train-seed-negative", ["train", "--model", "resnet_20", "--out", "{ws}/never", "--seed", "-1", *TRAIN],
      "argument --seed: must be >= 0, got -1"),
     ("run-seed-negative", [*RUN, "--seed", "-1"], "'seed' must be >= 0"),
+    ("run-workers-huge", [*RUN, "--workers", "1000000"], "'workers' must be a whole number from 0 to 256"),
+    ("prune-workers-huge", [*PRUNE, "--compress-rate", "[0.1]*19", "--workers", "257"], "must be <= 256"),
+    ("rank-workers-huge", ["rank", "--model", "resnet_20", "--checkpoint", "{ws}/base.pt", "--out",
+                           "{ws}/never.npz", "--workers", "99999", *DATA], "must be <= 256"),
     ("prune-seed-negative", [*PRUNE, "--criterion", "random", "--rates", "layer1.*=0.5", "--seed", "-1"],
      "must be >= 0"),
     ("eval-seed-negative", [*EVAL, "--split", "val", "--seed", "-1"], "must be >= 0"),
@@ -393,3 +397,16 @@ def test_the_same_command_started_twice_stops_before_writing(ws, tmp_path, capsy
         with pytest.raises(HRankError, match=f"pid {os.getpid()}"):
             OutputLock(out).acquire()
     assert not lock.lock_path.exists()
+
+
+def test_decoding_workers_are_bounded_in_the_config_and_the_folder_split():
+    from hrank import config
+    from hrank.imagefolder import MAX_WORKERS, FolderSplit
+
+    base = {"model": "resnet_20", "compress_rate": "[0.1]*19"}
+    assert config.resolve(base, {"workers": MAX_WORKERS})["workers"] == MAX_WORKERS
+    with pytest.raises(HRankError, match=f"'workers' must be a whole number from 0 to {MAX_WORKERS}, got 1000000"):
+        config.resolve({**base, "workers": 10**6}, {})
+    empty = np.zeros(0, dtype="S1")
+    with pytest.raises(HRankError, match=f"workers must be a whole number from 0 to {MAX_WORKERS}, got 257"):
+        FolderSplit("x", empty, np.zeros(0, dtype=np.int64), ["a"], workers=257)

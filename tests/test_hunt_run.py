@@ -98,6 +98,20 @@ def test_report_refuses_a_folder_that_is_not_a_run(copy, tmp_path, capsys):
     assert (run_dir / "report.md").read_text().startswith("# hrank run: resnet_20")
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_report_refuses_a_directory_a_running_command_holds(copy, capsys):
+    from hrank.io import OutputLock
+
+    run_dir, _ = copy
+    (run_dir / "report.md").write_text("being written by the run")
+    with OutputLock(run_dir):  # what a running `hrank run` (or a second report) holds
+        assert main(["report", str(run_dir)]) == 2
+        assert "is in use by another hrank process" in _one_line_error(capsys)
+        assert (run_dir / "report.md").read_text() == "being written by the run"
+    assert main(["report", str(run_dir)]) == 0  # released: rebuilt
+    assert (run_dir / "report.md").read_text().startswith("# hrank run: resnet_20")
+
+
 # -- 3. a damaged stage record inside a run directory ---------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -62,6 +62,7 @@ def finite_float(text: str) -> float:
 NONNEG_INT = int_at_least(0)
 POSITIVE_INT = int_at_least(1)
 NUM_CLASSES = int_at_least(1, 1_000_000)  # the largest classifier hrank builds (models.MAX_CLASSES)
+WORKERS = int_at_least(0, 256)  # decoding processes per loader (imagefolder.MAX_WORKERS)
 
 
 def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "cifar10") -> None:
@@ -78,5 +79,5 @@ def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "cifar10
                    help="image folders: training and evaluation crop size (default %(default)s)")
     p.add_argument("--resize-size", type=POSITIVE_INT, default=256,
                    help="image folders: evaluation resize before the centre crop (default %(default)s)")
-    p.add_argument("--workers", type=NONNEG_INT, default=4,
+    p.add_argument("--workers", type=WORKERS, default=4,
                    help="image folders: decoding processes per data loader (default %(default)s)")

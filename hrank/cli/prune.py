@@ -22,6 +22,7 @@ from hrank.cli.common import (
     NONNEG_INT,
     NUM_CLASSES,
     POSITIVE_INT,
+    WORKERS,
     add_device_arg,
     finite_float,
     format_table,
@@ -119,7 +120,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="image folders: crop size (default %(default)s)")
     data.add_argument("--resize-size", type=POSITIVE_INT, default=256,
                       help="image folders: evaluation resize before the centre crop (default %(default)s)")
-    data.add_argument("--workers", type=NONNEG_INT, default=4,
+    data.add_argument("--workers", type=WORKERS, default=4,
                       help="image folders: decoding processes per data loader (default %(default)s)")
     add_device_arg(p)
     p.add_argument("--out", required=True, help="output directory (plan.json, model.pt, summary.json)")
