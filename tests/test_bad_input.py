@@ -400,9 +400,15 @@ def test_the_same_command_started_twice_stops_before_writing(ws, tmp_path, capsy
 
 
 def test_decoding_workers_are_bounded_in_the_config_and_the_folder_split():
+    import argparse
+
     from hrank import config
+    from hrank.cli.common import WORKERS
     from hrank.imagefolder import MAX_WORKERS, FolderSplit
 
+    assert WORKERS(str(MAX_WORKERS)) == MAX_WORKERS  # the CLI's bound is the loader's
+    with pytest.raises(argparse.ArgumentTypeError):
+        WORKERS(str(MAX_WORKERS + 1))
     base = {"model": "resnet_20", "compress_rate": "[0.1]*19"}
     assert config.resolve(base, {"workers": MAX_WORKERS})["workers"] == MAX_WORKERS
     with pytest.raises(HRankError, match=f"'workers' must be a whole number from 0 to {MAX_WORKERS}, got 1000000"):
