@@ -8,7 +8,8 @@ same short ``fast`` recipe, plain or distilled from the dense model (``--recipes
 model itself is fine-tuned with the same recipe as the reference row (``dense``). Top-1 is reported on the
 validation split after recalibration, and after fine-tuning (best epoch chosen on the 5,000-image validation
 split carved from the training set) on validation, the 10k JPEG-derived test set and the 1,000 exact-pixel
-test images.
+test images. ``--adapt-images N`` first fine-tunes the dense model on N training images, and every cell then
+prunes, distils from and fine-tunes that adapted model (with ``--minutes`` its time is charged to each cell).
 
 Every cell (seed, criterion, recipe) is written to ``--out/seed<S>/<criterion>-<recipe>.json`` as soon as it is
 done and skipped when it exists, so a stopped run resumes (a cell stopped during its fit continues from its
@@ -36,7 +37,7 @@ from hrank import flops, models, recipes
 from hrank.budget import find_budget
 from hrank.criteria import weight_scores
 from hrank.data import Batches, Normalization, load_batch_files, load_cifar
-from hrank.io import atomic_write_json
+from hrank.io import atomic_torch_save, atomic_write_json
 from hrank.plan import make_plan
 from hrank.prune import apply_plan, recalibrate_bn
 from hrank.ranks import Ranks, compute_scores
@@ -93,26 +94,30 @@ def run_grid(args: argparse.Namespace) -> None:
             model.to(device)
             return {s: evaluate(model, evals[s])["top1"] for s in splits}
 
+        adapt = None
+        src = base  # the model the cells prune, distil from and fine-tune as the dense row
+        if args.adapt_images:  # the dense model first fine-tuned on this data: the source and the teacher
+            src, adapt = _adapted(base, ft_train, evals["val"], args, norm, device, seed, sdir, accuracy)
         info_path = sdir / "setup.json"
         if info_path.exists():
             setup = json.loads(info_path.read_text())
         else:
             t0 = time.perf_counter()
-            scores = compute_scores(base, train, ("hrank", "chip"), num_images=args.rank_images, seed=seed,
+            scores = compute_scores(src, train, ("hrank", "chip"), num_images=args.rank_images, seed=seed,
                                     normalization=norm, device=device, progress=False)
             score_seconds = time.perf_counter() - t0
             if args.rates:  # the widths given: counted on the model they prune to (any criterion's choice)
-                widths = Spec.from_string(base, args.rates)
-                pruned = apply_plan(copy.deepcopy(base), make_plan(base, scores["hrank"], widths), mode="physical")
-                counts, spec_string, baseline = flops.count(pruned), args.rates, flops.count(base).macs
+                widths = Spec.from_string(src, args.rates)
+                pruned = apply_plan(copy.deepcopy(src), make_plan(src, scores["hrank"], widths), mode="physical")
+                counts, spec_string, baseline = flops.count(pruned), args.rates, flops.count(src).macs
                 macs, params = counts.macs, counts.params
             else:
-                budget = find_budget(base, scores["hrank"], target=args.target_macs, metric="macs")
+                budget = find_budget(src, scores["hrank"], target=args.target_macs, metric="macs")
                 spec_string, macs, params, baseline = (budget.hrank_string(), budget.macs, budget.params,
                                                        budget.baseline)
             setup = {"machine": machine, "seed": seed, "spec": spec_string, "macs": macs,
                      "params": params, "baseline_macs": baseline, "score_seconds": score_seconds,
-                     "dense": accuracy(base)}
+                     "dense": accuracy(src)}
             for name, ranks in scores.items():
                 ranks.save(sdir / f"{name}.npz")
             atomic_write_json(info_path, setup)
@@ -121,7 +126,7 @@ def run_grid(args: argparse.Namespace) -> None:
                              f"use another --out")
         print(f"seed {seed}: widths {setup['spec']} -> {flops.format_count(setup['macs'])} MACs "
               f"({setup['macs'] / setup['baseline_macs']:.1%}); dense {setup['dense']}", flush=True)
-        spec = Spec.from_string(base, setup["spec"])  # the recorded widths, the same for every cell of the seed
+        spec = Spec.from_string(src, setup["spec"])  # the recorded widths, the same for every cell of the seed
         saved = {name: Ranks.load(sdir / f"{name}.npz") for name in ("hrank", "chip")}
 
         for criterion, recipe_name in todo:
@@ -134,21 +139,21 @@ def run_grid(args: argparse.Namespace) -> None:
                 "label_smoothing": args.label_smoothing}, "experiment").validate()
             cell_train = ft_train
             if criterion == "dense":
-                model = copy.deepcopy(base)
+                model = copy.deepcopy(src)
                 row: dict = {}
             else:
                 if criterion in saved:
                     scores = saved[criterion]
                 else:
-                    scores = weight_scores(criterion, base, list(saved["hrank"].scores), seed=seed)
-                plan = make_plan(base, scores, spec, criterion=criterion)
-                model = apply_plan(copy.deepcopy(base), plan, mode="physical")
+                    scores = weight_scores(criterion, src, list(saved["hrank"].scores), seed=seed)
+                plan = make_plan(src, scores, spec, criterion=criterion)
+                model = apply_plan(copy.deepcopy(src), plan, mode="physical")
                 row = {}
                 recalibrate_bn(model.to(device), Batches(train, 128, normalization=norm, train=True, device=device,
                                                          seed=seed + 2), 512)
                 row["after_recalibration"] = accuracy(model, ("val",))
             counts = flops.count(model)
-            teacher = base if recipe.distill_weight > 0 else None
+            teacher = src if recipe.distill_weight > 0 else None
             if args.minutes:  # as many images as this model and recipe train in the budget, measured here
                 rate_path = sdir / f"rate_{criterion}_{recipe_name}.json"  # no '-': not a cell for summary()
                 rate = args.images_per_second
@@ -163,8 +168,12 @@ def run_grid(args: argparse.Namespace) -> None:
                     print(f"seed {seed} {criterion} {recipe_name}: {rate:.1f} img/s (recorded in {rate_path})",
                           flush=True)
                     continue
-                cell_train, recipe = _budget_epochs(ft_train, recipe, rate * args.minutes * 60, seed)
-                row["budget"] = {"minutes": args.minutes, "images_per_second": rate,
+                seconds = args.minutes * 60 - (adapt["seconds_charged"] if adapt else 0.0)
+                if seconds <= 0:
+                    raise SystemExit(f"the adaptation's {adapt['seconds_charged'] / 60:.1f} min leave nothing of "
+                                     f"--minutes {args.minutes}")
+                cell_train, recipe = _budget_epochs(ft_train, recipe, rate * seconds, seed)
+                row["budget"] = {"minutes": args.minutes, "images_per_second": rate, "adapt": adapt,
                                  "images_seen": len(cell_train) * recipe.epochs,
                                  "epochs": recipe.epochs, "images_per_epoch": len(cell_train)}
                 print(f"seed {seed} {criterion} {recipe_name}: {rate:.1f} img/s -> {recipe.epochs} epoch(s) of "
@@ -188,6 +197,48 @@ def run_grid(args: argparse.Namespace) -> None:
             atomic_write_json(sdir / f"{criterion}-{recipe_name}.json", row)
             print(f"seed {seed} {criterion} {recipe_name}: {json.dumps(row['after_finetune'])} "
                   f"({row['seconds'] / 60:.1f} min)", flush=True)
+
+
+def _adapted(base: torch.nn.Module, train, val, args: argparse.Namespace, norm: Normalization,
+             device: torch.device, seed: int, sdir: Path, accuracy) -> tuple[torch.nn.Module, dict]:
+    """The dense model fine-tuned on ``--adapt-images`` training images (plain recipe, its own warm-up and
+    cosine), done once per seed and kept in ``sdir``: the cells then prune it, distil from it and fine-tune it.
+
+    With ``--minutes`` its time is charged to every cell at the dense model's one-process rate
+    (``--adapt-rate``, else the seed's recorded dense rate), so a cell's budget is what the adaptation leaves.
+    """
+    model = copy.deepcopy(base)
+    info_path, weights = sdir / "adapt.json", sdir / "adapted.pt"
+    if info_path.exists() and weights.exists():
+        info = json.loads(info_path.read_text())
+        model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+    else:
+        recipe = recipes.apply_overrides(recipes.get_preset("fast"), {
+            "batch_size": args.batch_size, "lr": args.lr, "lr_ref_batch": 0, "distill_weight": 0.0,
+            "label_smoothing": args.label_smoothing}, "adapt").validate()
+        data, recipe = _budget_epochs(train, recipe, args.adapt_images, seed + 101)
+        out_dir = sdir / "adapt"
+        resumed = (out_dir / "last.pt").exists()
+        t = time.perf_counter()
+        torch.manual_seed(seed)
+        fit(model, make_train_batches(data, recipe, normalization=norm, device=device, seed=seed + 101), val,
+            recipe, out_dir=out_dir, resume=resumed, overwrite=not resumed, progress=False, printer=lambda s: None,
+            tensorboard=False)
+        info = {"images": len(data) * recipe.epochs, "epochs": recipe.epochs, "fit_seconds": time.perf_counter() - t,
+                "after": accuracy(model), "recipe": recipe.to_json()}
+        atomic_torch_save(model.state_dict(), weights)
+        atomic_write_json(info_path, info)
+    if args.minutes:
+        rate = args.adapt_rate
+        rate_path = sdir / "rate_dense_plain.json"
+        if rate is None and rate_path.exists():
+            rate = json.loads(rate_path.read_text())["images_per_second"]
+        if rate is None:
+            raise SystemExit("--adapt-images with --minutes needs the dense model's rate: --adapt-rate, or a "
+                             "recorded one (--measure-only --dense first)")
+        info = {**info, "rate_charged": rate, "seconds_charged": info["images"] / rate}
+    print(f"seed {seed}: adapted dense model ({info['images']} images): {json.dumps(info['after'])}", flush=True)
+    return model.eval(), info
 
 
 def _images_per_second(model: torch.nn.Module, teacher: torch.nn.Module | None, recipe: recipes.Recipe,
@@ -288,6 +339,12 @@ def main() -> None:
                     help="with --minutes: measure and record each cell's rate, fit nothing (a later run with "
                          "--minutes uses the recorded rate, so rates can be measured one at a time on an idle machine "
                          "and the runs then share it)")
+    ap.add_argument("--adapt-images", type=int, default=0,
+                    help="first fine-tune the dense model on this many training images (plain recipe): every "
+                         "cell then prunes it, distils from it and fine-tunes it (with --minutes its time is "
+                         "charged to each cell at the dense rate)")
+    ap.add_argument("--adapt-rate", type=float, default=None,
+                    help="with --adapt-images and --minutes: the dense model's images/s to charge the adaptation at")
     ap.add_argument("--rank-images", type=int, default=500)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--force", action="store_true", help="redo cells that exist")
