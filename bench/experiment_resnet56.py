@@ -94,11 +94,15 @@ def run_grid(args: argparse.Namespace) -> None:
             model.to(device)
             return {s: evaluate(model, evals[s])["top1"] for s in splits}
 
+        info_path = sdir / "setup.json"
+        set_up = json.loads(info_path.read_text()).get("adapt_images", 0) if info_path.exists() else None
+        if set_up is not None and set_up != args.adapt_images:  # its scores and widths are of another model
+            raise SystemExit(f"{info_path} was set up with --adapt-images {set_up}, not {args.adapt_images}: "
+                             f"use another --out")
         adapt = None
         src = base  # the model the cells prune, distil from and fine-tune as the dense row
         if args.adapt_images:  # the dense model first fine-tuned on this data: the source and the teacher
             src, adapt = _adapted(base, ft_train, evals["val"], args, norm, device, seed, sdir, accuracy)
-        info_path = sdir / "setup.json"
         if info_path.exists():
             setup = json.loads(info_path.read_text())
         else:
@@ -117,7 +121,7 @@ def run_grid(args: argparse.Namespace) -> None:
                                                        budget.baseline)
             setup = {"machine": machine, "seed": seed, "spec": spec_string, "macs": macs,
                      "params": params, "baseline_macs": baseline, "score_seconds": score_seconds,
-                     "dense": accuracy(src)}
+                     "dense": accuracy(src), "adapt_images": args.adapt_images}
             for name, ranks in scores.items():
                 ranks.save(sdir / f"{name}.npz")
             atomic_write_json(info_path, setup)
