@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,32 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: tu
     return check
 
 
+@contextlib.contextmanager
+def quiet_onnx_export() -> Iterator[None]:
+    """Silence stdout, file descriptor 1 included, around a TorchScript ONNX export: when an export fails, torch
+    writes the whole graph there from C++ (100+ lines before the one-line error hrank gives). The exporter also
+    leaves its C++ log switched on (it reads the switch's function, not its value); the switch is restored."""
+    log_was = torch._C._jit_is_onnx_log_enabled()
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no real stdout (closed, or not a file): Python's only
+        saved = None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            if saved is None:
+                yield
+            else:
+                with open(os.devnull, "wb") as null:
+                    os.dup2(null.fileno(), 1)
+                yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        torch._C._jit_set_onnx_log_enabled(log_was)
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int, ...] = (3, 32, 32), *,
                 seed: int = 0, atol: float = ONNX_ATOL, opset: int = 17, optimize: bool = True) -> ExportCheck:
     """Export to ONNX with a dynamic batch axis and check it with onnxruntime on random input.
@@ -121,7 +148,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: tuple[int
             cpu_model = copy_model(model).cpu().float()
 
         def export_to(file: str) -> None:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            with warnings.catch_warnings(), quiet_onnx_export():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(cpu_model, (x,), file, dynamo=False, opset_version=opset,
                                   input_names=["input"], output_names=["logits"],

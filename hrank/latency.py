@@ -14,7 +14,6 @@ rounds are spent; the closest round that prunes something is kept and the report
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -22,10 +21,9 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +35,7 @@ from torch import nn
 from hrank import flops
 from hrank.budget import BudgetResult
 from hrank.errors import HRankError
+from hrank.export import quiet_onnx_export
 from hrank.io import _error_line, _first_line, atomic_write_json, check_writable
 from hrank.modelcopy import copy_model
 
@@ -195,8 +194,7 @@ class OnnxRuntime(_Timed):
         buf = io.BytesIO()
         feed = {"input": x.detach().cpu().numpy()}
         try:
-            with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                    _quiet_stdout_fd():
+            with torch.no_grad(), warnings.catch_warnings(), quiet_onnx_export():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(module.eval().cpu(), (x.cpu(),), buf, dynamo=False, opset_version=17,
                                   input_names=["input"], output_names=["output"])
@@ -208,25 +206,6 @@ class OnnxRuntime(_Timed):
         except Exception as e:  # an op the exporter or onnxruntime does not support, an output it cannot hold
             raise _cannot_run("onnxruntime", module, e) from None
         return lambda: sess.run(None, feed)
-
-
-@contextlib.contextmanager
-def _quiet_stdout_fd() -> Iterator[None]:
-    """Silence file descriptor 1 (C++ writes): torch's ONNX exporter dumps the whole graph there when an export
-    fails, before the error that says why."""
-    try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError, AttributeError):  # no real stdout: nothing to silence
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def ort_timing_options(threads: int | None = None) -> Any:

@@ -141,3 +141,21 @@ def test_onnx_missing_dependency_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(HRankError, match=r"pip install 'hrank\[export\]'"):
         export_onnx(_trained_like(), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_failed_onnx_export_is_one_line_with_nothing_on_stdout(tmp_path, capfd):
+    """The TorchScript exporter writes the whole graph to file descriptor 1 from C++ when an export fails, and
+    leaves its C++ log switched on: hrank silences the first and restores the second."""
+    pytest.importorskip("onnxruntime")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(3),
+                                torch.nn.Flatten(), torch.nn.Linear(36, 10))  # 3 does not divide 8: unsupported
+    log_before = torch._C._jit_is_onnx_log_enabled()
+    with pytest.raises(HRankError, match="ONNX export failed") as err:
+        export_onnx(model, tmp_path / "m.onnx", (3, 8, 8))
+    out, _ = capfd.readouterr()
+    assert "graph" not in out and out == ""
+    assert "\n" not in str(err.value)
+    assert torch._C._jit_is_onnx_log_enabled() == log_before
+    assert not (tmp_path / "m.onnx").exists()
+    print("still printed")  # stdout works again after the export
+    assert capfd.readouterr().out == "still printed\n"
