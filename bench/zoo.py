@@ -98,6 +98,27 @@ class ZooCase:
             return timm.create_model(self.name, pretrained=False, num_classes=10)
 
 
+def revive_zero_init(model: nn.Module) -> list[str]:
+    """Give every all-zero multiplicative parameter (not a bias) seeded random values; return their names.
+
+    timm zero-initialises the last norm (or gain) of each residual branch (``zero_init_last``), so at init the
+    branch outputs nothing, and a pruned network whose branches compute something else than the plan says would
+    still match the masked one: the comparison would test nothing there. Gains and norm weights (1-D or scalar)
+    get values in [0.5, 1.5], weight matrices N(0, 1 / fan_in)."""
+    g = torch.Generator().manual_seed(4)
+    revived = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or not p.is_floating_point() or p.numel() == 0 or p.any():
+                continue
+            if p.dim() <= 1:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+            revived.append(name)
+    return revived
+
+
 def torchvision_cases() -> list[ZooCase]:
     """Every classification model torchvision lists, minus the transformers."""
     import torchvision
@@ -302,7 +323,9 @@ def _run_stages(result: ZooResult, case: ZooCase, images: torch.Tensor, batch: t
 
     size, num_images, x1 = case.size, images.shape[0], images[:1]
     with _stage(result, "build"):
-        model = calibrate_bn(case.build(), size)
+        model = case.build()
+        revive_zero_init(model)  # every residual branch carries signal: the physical/mask comparison sees it
+        model = calibrate_bn(model, size)
         result.convs = _convs(model)
         dense_out = _output(model, batch)
     with _stage(result, "ranks"):
