@@ -95,17 +95,15 @@ def run_grid(args: argparse.Namespace) -> None:
             return {s: evaluate(model, evals[s])["top1"] for s in splits}
 
         info_path = sdir / "setup.json"
-        set_up = json.loads(info_path.read_text()).get("adapt_images", 0) if info_path.exists() else None
-        if set_up is not None and set_up != args.adapt_images:  # its scores and widths are of another model
-            raise SystemExit(f"{info_path} was set up with --adapt-images {set_up}, not {args.adapt_images}: "
-                             f"use another --out")
+        setup = json.loads(info_path.read_text()) if info_path.exists() else None
+        if setup is not None and setup.get("adapt_images", 0) != args.adapt_images:  # scores of another model
+            raise SystemExit(f"{info_path} was set up with --adapt-images {setup.get('adapt_images', 0)}, not "
+                             f"{args.adapt_images}: use another --out")
         adapt = None
         src = base  # the model the cells prune, distil from and fine-tune as the dense row
         if args.adapt_images:  # the dense model first fine-tuned on this data: the source and the teacher
             src, adapt = _adapted(base, ft_train, evals["val"], args, norm, device, seed, sdir, accuracy)
-        if info_path.exists():
-            setup = json.loads(info_path.read_text())
-        else:
+        if setup is None:
             t0 = time.perf_counter()
             scores = compute_scores(src, train, ("hrank", "chip"), num_images=args.rank_images, seed=seed,
                                     normalization=norm, device=device, progress=False)
@@ -160,9 +158,7 @@ def run_grid(args: argparse.Namespace) -> None:
             teacher = src if recipe.distill_weight > 0 else None
             if args.minutes:  # as many images as this model and recipe train in the budget, measured here
                 rate_path = sdir / f"rate_{criterion}_{recipe_name}.json"  # no '-': not a cell for summary()
-                rate = args.images_per_second
-                if rate is None and rate_path.exists():  # measured before by --measure-only
-                    rate = json.loads(rate_path.read_text())["images_per_second"]
+                rate = _rate(args.images_per_second, rate_path)  # given, or measured before by --measure-only
                 if rate is None:
                     rate = _images_per_second(model, teacher, recipe, ft_train, norm, device, seed,
                                               sdir / f"{criterion}-{recipe_name}-calibration")
@@ -203,6 +199,13 @@ def run_grid(args: argparse.Namespace) -> None:
                   f"({row['seconds'] / 60:.1f} min)", flush=True)
 
 
+def _rate(given: float | None, recorded: Path) -> float | None:
+    """The images/s given on the command line, else the one recorded in ``recorded`` (None: neither)."""
+    if given is None and recorded.exists():
+        return json.loads(recorded.read_text())["images_per_second"]
+    return given
+
+
 def _adapted(base: torch.nn.Module, train, val, args: argparse.Namespace, norm: Normalization,
              device: torch.device, seed: int, sdir: Path, accuracy) -> tuple[torch.nn.Module, dict]:
     """The dense model fine-tuned on ``--adapt-images`` training images (plain recipe, its own warm-up and
@@ -233,10 +236,7 @@ def _adapted(base: torch.nn.Module, train, val, args: argparse.Namespace, norm: 
         atomic_torch_save(model.state_dict(), weights)
         atomic_write_json(info_path, info)
     if args.minutes:
-        rate = args.adapt_rate
-        rate_path = sdir / "rate_dense_plain.json"
-        if rate is None and rate_path.exists():
-            rate = json.loads(rate_path.read_text())["images_per_second"]
+        rate = _rate(args.adapt_rate, sdir / "rate_dense_plain.json")
         if rate is None:
             raise SystemExit("--adapt-images with --minutes needs the dense model's rate: --adapt-rate, or a "
                              "recorded one (--measure-only --dense first)")
